@@ -77,38 +77,55 @@ def segment_keys(
     seed: SegmentKey,
     *,
     limit: Optional[int] = None,
-    start: int = 0,
-    parent: Optional[SegmentKey] = None,
 ) -> list[SegmentKey]:
-    """Keys of the full segments of ``tokens``.
+    """Keys of the full segments of ``tokens`` (``tokens[:limit]`` when given).
 
     Args:
         tokens: token ids (list, ``array('q')`` or int64 ndarray).
         segment_size: tokens per segment (> 0).
         seed: namespace seed; the parent of segment 0.
-        limit: only consider ``tokens[:limit]``.
-        start: first segment index to compute; ``parent`` must then be the key
-            of segment ``start - 1`` (lets callers extend a cached chain).
-        parent: see ``start``.
 
     Returns:
-        ``[key_start, ..., key_{n-1}]`` with ``n = len(tokens[:limit]) // segment_size``.
+        ``[key_0, ..., key_{n-1}]`` with ``n = len(tokens[:limit]) // segment_size``.
     """
+    return keys_from_bytes(segment_bytes(tokens, segment_size, limit=limit), segment_size, seed)
+
+
+def segment_bytes(
+    tokens: Sequence[int], segment_size: int, *, limit: Optional[int] = None
+) -> bytes:
+    """The little-endian int64 bytes of the full segments of ``tokens[:limit]``."""
     if segment_size <= 0:
         raise ValueError(f"segment_size must be positive, got {segment_size}")
     arr = _as_int64(tokens)
     if limit is not None:
         arr = arr[:limit]
     n = len(arr) // segment_size
+    return arr[: n * segment_size].astype("<i8", copy=False).tobytes()
+
+
+def keys_from_bytes(
+    raw: bytes,
+    segment_size: int,
+    seed: SegmentKey,
+    *,
+    start: int = 0,
+    parent: Optional[SegmentKey] = None,
+) -> list[SegmentKey]:
+    """Chained keys over ``raw`` (int64 bytes, whole segments), from segment ``start``.
+
+    ``parent`` must be the key of segment ``start - 1`` when ``start > 0``.
+    """
+    step = segment_size * _KEY_BYTES
+    if len(raw) % step:
+        raise ValueError("raw token bytes are not a whole number of segments")
     if start > 0 and parent is None:
-        raise ValueError("segment_keys: start > 0 needs the parent key")
+        raise ValueError("keys_from_bytes: start > 0 needs the parent key")
     prev = seed if start == 0 else parent
     assert prev is not None
     keys: list[SegmentKey] = []
-    raw = arr[: n * segment_size].tobytes()
-    step = segment_size * 8
     xxh = xxhash.xxh3_64
-    for i in range(start, n):
+    for i in range(start, len(raw) // step):
         h = xxh(prev.to_bytes(_KEY_BYTES, "little"))
         h.update(raw[i * step : (i + 1) * step])
         prev = h.intdigest()

@@ -1,0 +1,335 @@
+"""TokenLakeCache: SGLang's prefix cache (BasePrefixCache) over the segment tree.
+
+How a request's KV row relates to the tree (S = segment size, P = page size, S % P == 0)::
+
+    req_to_token[row]:  | seg 0 | seg 1 | seg 2 | tail < S |
+                        '---- tree-owned ----'  '-- request-owned --'
+                        0              cache_protected_len
+
+Only full segments enter the tree; the tail is recomputed by the next request
+that shares it. ``checkpoint`` inserts the request's full segments, frees the
+request's copy of any segment the tree already held (and points the row at the
+tree's copy), then moves the request's lock to the deepest node. Nothing else
+frees a slot except ``evict``; SGLang's ``release_kv_cache`` frees the
+request-owned part of the row.
+
+All methods run on the scheduler thread. Status queries from the broker thread
+are queued and answered from ``poll()``, which a scheduler hook calls once per
+loop iteration, so the tree and the allocator are only ever touched by one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.mem_cache.base_prefix_cache import (
+    BasePrefixCache,
+    DecLockRefParams,
+    DecLockRefResult,
+    EvictParams,
+    EvictResult,
+    IncLockRefResult,
+    InitLoadBackParams,
+    MatchPrefixParams,
+    MatchResult,
+)
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+from sglang_tokenlake.config import TokenLakeConfig
+from sglang_tokenlake.segments import keys_from_bytes, request_namespace, segment_bytes
+from sglang_tokenlake.stats import CacheStats
+from sglang_tokenlake.tree import SegmentNode, SegmentTree
+
+logger = logging.getLogger(__name__)
+
+
+class TokenLakeCache(BasePrefixCache):
+    """A segment-level prefix cache with the BasePrefixCache contract."""
+
+    is_tokenlake = True
+
+    def __init__(
+        self,
+        params: CacheInitParams,
+        config: TokenLakeConfig,
+        *,
+        model_id: str,
+    ) -> None:
+        if params.page_size <= 0 or config.segment_size % params.page_size:
+            raise ValueError(
+                f"--tokenlake-segment-size ({config.segment_size}) must be a multiple of "
+                f"--page-size ({params.page_size})"
+            )
+        if params.is_eagle:
+            raise ValueError("--cache-backend tokenlake does not support speculative decoding")
+        self.disable = False
+        self.req_to_token_pool = params.req_to_token_pool
+        self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
+        self.page_size = params.page_size
+        self.is_eagle = False
+        self.config = config
+        self.segment_size = config.segment_size
+        self.namespace = config.namespace or model_id
+        self.sliding_window_size = None
+        alloc = self.token_to_kv_pool_allocator
+        dev = getattr(alloc, "device", "cpu") if alloc is not None else "cpu"
+        self.device = torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
+        self.stats = CacheStats()
+        self.metrics = None
+        if params.enable_metrics:
+            self.init_metrics_collector()
+            from sglang_tokenlake.sglang.metrics import TokenLakeMetrics
+
+            self.metrics = TokenLakeMetrics(self.metrics_collector.labels)
+        self.tree = SegmentTree(self.segment_size)
+        self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self._jobs: deque = deque()  # callables queued by the broker thread
+        self._last_log = self._last_gauge = time.monotonic()
+        self.reset()
+
+    # -- BasePrefixCache: state ---------------------------------------------
+
+    def reset(self) -> None:
+        self.tree.reset()
+        self.root_node = self.tree.root
+        self._empty_match = MatchResult(
+            device_prefix_len=0,
+            last_device_node=self.root_node,
+            last_host_node=self.root_node,
+            best_match_node=self.root_node,
+        )
+
+    def supports_prefix_sharing(self) -> bool:
+        return True
+
+    def evictable_size(self) -> int:
+        return self.tree.evictable_tokens
+
+    def full_evictable_size(self) -> int:
+        return self.tree.evictable_tokens
+
+    def protected_size(self) -> int:
+        return self.tree.locked_tokens
+
+    def full_protected_size(self) -> int:
+        return self.tree.locked_tokens
+
+    def total_size(self) -> int:
+        return self.tree.cached_tokens
+
+    # -- keys ----------------------------------------------------------------
+
+    def _key_chain(self, key: Any) -> tuple[list[int], bytes]:
+        """(segment keys, int64 bytes of the full segments) of a RadixKey."""
+        tokens = key.raw_token_ids()
+        raw = segment_bytes(tokens, self.segment_size, limit=len(key))
+        seed = request_namespace(self.namespace, key.extra_key, key.cache_salt)
+        return keys_from_bytes(raw, self.segment_size, seed), raw
+
+    # -- BasePrefixCache: lookup ---------------------------------------------
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        key = params.key
+        if key.is_bigram:
+            raise ValueError("--cache-backend tokenlake does not support bigram (EAGLE) keys")
+        if len(key) < self.segment_size:
+            return self._empty_match
+        keys, raw = self._key_chain(key)
+        path = self.tree.match(keys, raw if self.config.verify_tokens else None)
+        self.stats.lookups += 1
+        if not path:
+            return self._empty_match
+        node = path[-1]
+        return MatchResult(
+            device_prefix_len=len(path) * self.segment_size,
+            last_device_node=node,
+            last_host_node=node,
+            best_match_node=node,
+        )
+
+    def touch_prefix(self, key: Any) -> None:
+        if len(key) >= self.segment_size and not key.is_bigram:
+            keys, raw = self._key_chain(key)
+            self.tree.match(keys, raw if self.config.verify_tokens else None)
+
+    def path_device_indices(self, node: SegmentNode) -> torch.Tensor:
+        values = [n.value for n in self.tree.path_to(node)]
+        if not values:
+            return self._empty
+        return torch.cat(values)
+
+    # -- BasePrefixCache: insert ---------------------------------------------
+
+    def checkpoint(self, req: Any, *, up_to: int, **kwargs: Any) -> None:
+        """Insert the request's full segments in ``[0, up_to)`` and re-anchor its lock."""
+        S = self.segment_size
+        kv = req.kv
+        protected = kv.cache_protected_len
+        n_seg = up_to // S
+        if n_seg * S <= protected:
+            return
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        token_ids = req.full_untruncated_fill_ids[: n_seg * S]
+        key = RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt)
+        keys, raw = self._key_chain(key)
+        row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
+        values = [
+            row[i * S : (i + 1) * S].to(dtype=torch.int64, copy=True) for i in range(n_seg)
+        ]
+        out = self.tree.insert(keys, raw, values)
+
+        # The request computed segments the tree already held: free its copies
+        # and point the row at the tree's.
+        dup_ranges = []
+        for i in range(protected // S, len(out.path)):
+            if not out.adopted[i]:
+                dup_ranges.append((i * S, (i + 1) * S))
+        if dup_ranges:
+            self.free_kv_row(kv, dup_ranges)
+            for start, end in dup_ranges:
+                self.req_to_token_pool.write(
+                    (kv.req_pool_idx, slice(start, end)), out.path[start // S].value
+                )
+        self.stats.inserted_segments += out.num_new
+        self.stats.duplicate_segments += len(dup_ranges)
+
+        new_len = len(out.path) * S
+        if new_len <= protected:
+            return  # a key collision cut the path short; the row stays request-owned
+        kv.cache_protected_len = new_len
+        kv.cache_inserted_len = max(kv.cache_inserted_len, new_len)
+        node = out.path[-1]
+        self.unlock(req.lock)
+        req.lock = self.lock(node)
+        req.last_node = node
+        if self.config.check_integrity:
+            self.check_integrity()
+
+    def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        if req.finished():
+            prompt = len(req.origin_input_ids)
+            hit = min(req.cached_tokens, prompt)
+            self.stats.hit_tokens += hit
+            self.stats.miss_tokens += prompt - hit
+            self.stats.requests += 1
+            if self.metrics is not None:
+                self.metrics.observe_request(hit, prompt - hit)
+
+    # -- BasePrefixCache: locks and eviction ----------------------------------
+
+    def inc_lock_ref(self, node: SegmentNode) -> IncLockRefResult:
+        return IncLockRefResult(delta=-self.tree.lock(node))
+
+    def dec_lock_ref(
+        self, node: SegmentNode, params: Optional[DecLockRefParams] = None
+    ) -> DecLockRefResult:
+        return DecLockRefResult(delta=self.tree.unlock(node))
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        start = time.perf_counter()
+        dropped = self.tree.evict(params.num_tokens)
+        if dropped:
+            self.token_to_kv_pool_allocator.free(torch.cat([v for _, v in dropped]))
+        n = len(dropped) * self.segment_size
+        self.stats.evicted_segments += len(dropped)
+        self.update_eviction_metrics(n, start)
+        if self.config.check_integrity and dropped:
+            self.check_integrity()
+        return EvictResult(num_tokens_evicted=n)
+
+    def init_load_back(self, params: InitLoadBackParams) -> Optional[tuple[int, Any]]:
+        # Nothing is promised as a host hit yet (host_hit_length is always 0),
+        # so a call here means no tokens are loaded.
+        return 0, params.best_match_node
+
+    # -- inspection ------------------------------------------------------------
+
+    def check_integrity(self) -> dict[str, int]:
+        """Check the tree's counters and its slots against the allocator.
+
+        Every slot held by the tree is distinct and none is in the free list.
+        Returns the accounting: ``free + cached + held_by_requests == capacity``.
+        """
+        self.tree.check()
+        alloc = self.token_to_kv_pool_allocator
+        values = [n.value for n in self.tree.iter_nodes() if n.value is not None]
+        cached = self.tree.cached_tokens
+        if values:
+            slots = torch.cat(values)
+            assert slots.numel() == cached, (slots.numel(), cached)
+            assert torch.unique(slots).numel() == cached, "a slot is held by two segments"
+            assert not bool((slots == 0).any()), "the padding slot 0 is in the tree"
+            free = alloc.get_all_free_pages()
+            if free is not None and free.numel():
+                pages = torch.unique(slots // self.page_size)
+                stale = torch.isin(pages, free)
+                assert not bool(stale.any()), "a slot held by the tree is in the free list"
+        capacity = int(alloc.size)
+        available = int(alloc.available_size())
+        return {
+            "capacity": capacity,
+            "free": available,
+            "cached": cached,
+            "locked": self.tree.locked_tokens,
+            "evictable": self.tree.evictable_tokens,
+            "held_by_requests": capacity - available - cached,
+        }
+
+    def status(self) -> dict[str, Any]:
+        acct = self.check_integrity()
+        return {
+            "segment_size": self.segment_size,
+            "page_size": self.page_size,
+            "namespace": self.namespace,
+            "local_segments": self.tree.local_nodes,
+            "known_segments": sum(1 for _ in self.tree.iter_nodes()),
+            "memory": acct,
+            "stats": self.stats.as_dict(),
+        }
+
+    def pretty_print(self) -> None:
+        stack = [(c, 1) for c in self.tree.root.children.values()]
+        while stack:
+            node, depth = stack.pop()
+            print("  " * depth, f"seg {node.depth} key={node.key:#018x}",
+                  f"local={node.is_local} lock={node.lock_ref} hits={node.hits}")
+            stack.extend((c, depth + 1) for c in node.children.values())
+        print(f"#tokens: {self.total_size()}")
+
+    # -- scheduler-thread work ---------------------------------------------------
+
+    def submit(self, fn: Any) -> None:
+        """Queue ``fn()`` to run on the scheduler thread (called from other threads)."""
+        self._jobs.append(fn)
+
+    def poll(self) -> None:
+        """Run queued jobs and periodic logging; called once per scheduler iteration."""
+        while self._jobs:
+            fn = self._jobs.popleft()
+            try:
+                fn()
+            except Exception:  # a failed job must never take the scheduler down
+                logger.exception("TokenLake: scheduler-thread job failed")
+        now = time.monotonic()
+        if self.metrics is not None and now - self._last_gauge >= 1.0:
+            self._last_gauge = now
+            self.metrics.set_occupancy(self.tree.cached_tokens, self.tree.local_nodes)
+        interval = self.config.log_interval
+        if interval > 0 and now - self._last_log >= interval:
+            self._last_log = now
+            self.log_stats()
+
+    def log_stats(self) -> None:
+        s = self.stats
+        logger.info(
+            "TokenLake cache: hit_tokens=%d miss_tokens=%d hit_rate=%.1f%% cached=%d/%d tokens "
+            "segments=%d evicted=%d",
+            s.hit_tokens, s.miss_tokens, 100.0 * s.hit_rate, self.tree.cached_tokens,
+            int(self.token_to_kv_pool_allocator.size), self.tree.local_nodes, s.evicted_segments,
+        )

@@ -1,0 +1,32 @@
+"""Counters of one worker's cache (plain Python; exported by the adapter)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class CacheStats:
+    """Token and segment counters since start-up.
+
+    ``hit_tokens``/``miss_tokens`` count each finished request once: its prompt
+    tokens served from the cache versus computed.
+    """
+
+    requests: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    lookups: int = 0
+    inserted_segments: int = 0
+    duplicate_segments: int = 0
+    evicted_segments: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hit_tokens + self.miss_tokens
+        return self.hit_tokens / total if total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d: dict[str, float] = dict(asdict(self))
+        d["hit_rate"] = self.hit_rate
+        return d

@@ -1,0 +1,80 @@
+"""A request/response client of a broker (one DEALER socket, one thread).
+
+Replies are matched to requests by id; a reply that arrives after its request
+timed out is discarded. A timeout raises ``TimeoutError`` and leaves the
+client usable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import zmq
+
+from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, decode, encode
+
+
+class RemoteError(RuntimeError):
+    """The broker answered with an ``error`` message."""
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: Optional[zmq.Context] = None,
+        curve_server_key: Optional[bytes] = None,
+        curve_public_key: Optional[bytes] = None,
+        curve_secret_key: Optional[bytes] = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_server_key is not None:
+            if curve_public_key is None or curve_secret_key is None:
+                raise ValueError("a CURVE client needs its own public and secret key")
+            self.sock.curve_serverkey = curve_server_key
+            self.sock.curve_publickey = curve_public_key
+            self.sock.curve_secretkey = curve_secret_key
+        self.sock.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def request(
+        self,
+        kind: str,
+        header: Optional[dict[str, Any]] = None,
+        buffers: Sequence[Buffer] = (),
+        *,
+        timeout: float = 5.0,
+    ) -> Message:
+        req_id = next(self._ids)
+        self.sock.send_multipart(encode(kind, req_id, header, buffers), copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                raise TimeoutError(f"no reply to {kind!r} from {self.endpoint} within {timeout}s")
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                msg = decode(frames)
+            except FrameError:
+                continue  # not ours to interpret; keep waiting for our reply
+            if msg.id != req_id:
+                continue  # a late reply to an earlier, timed-out request
+            if msg.kind == "error":
+                raise RemoteError(str(msg.header.get("reason", "unknown error")))
+            return msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,371 @@
+"""The segment tree: the radix tree's replacement, one node per fixed-size segment.
+
+::
+
+    root ──key_0──▶ [seg 0] ──key_1──▶ [seg 1] ──key_2──▶ [seg 2]   (local: value = slots)
+                      │
+                      └─key_1'─▶ [seg 1']  (remote: value None, owners = {"w2"})
+
+A node is one segment. Children are keyed by the next segment's chained key
+(``segments.chain_key``), so a key names the whole prefix up to and including
+its segment. A node knows its local slots (``value``, opaque here: the adapter
+stores a tensor of KV slot ids), the other workers that hold a copy
+(``owners``), a lock count (requests using it), and access statistics.
+
+Sizes are counted in tokens: every local node holds exactly ``segment_size``.
+Eviction is leaf-first LRU over local nodes: a local node is evictable when no
+request locks it and no local child hangs under it (a segment is useless
+without its ancestors). Order: least recently used first, ties by creation.
+
+Plain Python: no torch, sglang or zmq. The tree never frees memory itself;
+``evict`` returns the values it dropped and the caller frees them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sglang_tokenlake.segments import SegmentKey
+
+
+class SegmentNode:
+    __slots__ = (
+        "key",
+        "parent",
+        "children",
+        "depth",
+        "tokens",
+        "value",
+        "owners",
+        "lock_ref",
+        "last_access",
+        "hits",
+        "id",
+    )
+
+    def __init__(
+        self, key: SegmentKey, parent: Optional[SegmentNode], depth: int, node_id: int
+    ) -> None:
+        self.key = key
+        self.parent = parent
+        self.children: dict[SegmentKey, SegmentNode] = {}
+        self.depth = depth  # segment index; the root is -1
+        self.tokens: Optional[bytes] = None  # int64 bytes of the segment, when local
+        self.value: Any = None  # local slots; None when not held here
+        self.owners: set[str] = set()  # other workers holding a copy
+        self.lock_ref = 0
+        self.last_access = 0
+        self.hits = 0
+        self.id = node_id
+
+    @property
+    def is_local(self) -> bool:
+        return self.value is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentNode(depth={self.depth}, key={self.key:#018x}, local={self.is_local}, "
+            f"lock={self.lock_ref}, owners={sorted(self.owners)})"
+        )
+
+
+@dataclass
+class InsertOutcome:
+    """What ``SegmentTree.insert`` did, segment by segment.
+
+    ``path[i]`` is the node of segment ``i``. ``adopted[i]`` is True when the
+    caller's value for segment ``i`` became the node's value (the tree owns it
+    now); False when the node already held a local copy, so the caller's value
+    is a duplicate the caller must free.
+    """
+
+    path: list[SegmentNode] = field(default_factory=list)
+    adopted: list[bool] = field(default_factory=list)
+
+    @property
+    def num_new(self) -> int:
+        return sum(self.adopted)
+
+
+class SegmentTree:
+    """Segment nodes, local slots, locks and leaf-first LRU eviction."""
+
+    def __init__(self, segment_size: int) -> None:
+        if segment_size <= 0:
+            raise ValueError(f"segment_size must be positive, got {segment_size}")
+        self.segment_size = segment_size
+        self._ids = itertools.count()
+        self.reset()
+
+    # -- state ---------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.root = SegmentNode(0, None, -1, next(self._ids))
+        self.root.lock_ref = 1  # never evicted
+        self._tick = 0
+        self.local_nodes = 0
+        self.locked_nodes = 0  # local nodes with lock_ref > 0
+        self._evictable_leaves: set[SegmentNode] = set()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held locally by the tree (locked or not)."""
+        return self.local_nodes * self.segment_size
+
+    @property
+    def locked_tokens(self) -> int:
+        return self.locked_nodes * self.segment_size
+
+    @property
+    def evictable_tokens(self) -> int:
+        return (self.local_nodes - self.locked_nodes) * self.segment_size
+
+    def _touch(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    # -- lookup --------------------------------------------------------------
+
+    def walk(self, keys: Sequence[SegmentKey]) -> list[SegmentNode]:
+        """The nodes of the longest known prefix of ``keys`` (local or not); no side effects."""
+        path = []
+        node = self.root
+        for k in keys:
+            child = node.children.get(k)
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        return path
+
+    def match(
+        self,
+        keys: Sequence[SegmentKey],
+        raw_tokens: Optional[bytes] = None,
+        *,
+        touch: bool = True,
+    ) -> list[SegmentNode]:
+        """The longest prefix of ``keys`` held locally, as a path of nodes.
+
+        With ``raw_tokens`` (the int64 bytes of the tokens, at least
+        ``len(keys) * segment_size`` of them) each node's stored tokens are
+        compared too, so a key collision ends the match instead of serving
+        another prefix's KV.
+        """
+        step = self.segment_size * 8
+        path: list[SegmentNode] = []
+        node = self.root
+        for i, k in enumerate(keys):
+            child = node.children.get(k)
+            if child is None or child.value is None:
+                break
+            if raw_tokens is not None and child.tokens != raw_tokens[i * step : (i + 1) * step]:
+                break
+            path.append(child)
+            node = child
+        if touch and path:
+            t = self._touch()
+            for n in path:
+                n.last_access = t
+                n.hits += 1
+        return path
+
+    # -- insert --------------------------------------------------------------
+
+    def insert(
+        self,
+        keys: Sequence[SegmentKey],
+        raw_tokens: bytes,
+        values: Sequence[Any],
+    ) -> InsertOutcome:
+        """Make segments ``0..len(keys)-1`` local, taking ``values[i]`` where needed.
+
+        Args:
+            keys: the chained keys of the segments, from segment 0.
+            raw_tokens: int64 bytes of the segments' tokens (``len(keys) * segment_size``).
+            values: one value (slots) per segment.
+        """
+        if len(values) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        step = self.segment_size * 8
+        if len(raw_tokens) < len(keys) * step:
+            raise ValueError("raw_tokens is shorter than the segments")
+        out = InsertOutcome()
+        t = self._touch()
+        node = self.root
+        for i, k in enumerate(keys):
+            seg_tokens = raw_tokens[i * step : (i + 1) * step]
+            child = node.children.get(k)
+            if child is None:
+                child = SegmentNode(k, node, node.depth + 1, next(self._ids))
+                node.children[k] = child
+            elif child.value is not None and child.tokens != seg_tokens:
+                # A 64-bit key collision: keep the existing segment, take nothing
+                # further along this path (nothing below it can be ours).
+                break
+            if child.value is None:
+                child.value = values[i]
+                child.tokens = seg_tokens
+                self.local_nodes += 1
+                if child.lock_ref > 0:
+                    self.locked_nodes += 1
+                out.adopted.append(True)
+                self._update_leaf(child)
+                self._update_leaf(node)
+            else:
+                out.adopted.append(False)
+            child.last_access = t
+            out.path.append(child)
+            node = child
+        return out
+
+    # -- locks ---------------------------------------------------------------
+
+    def lock(self, node: SegmentNode) -> int:
+        """Lock ``node`` and its ancestors; returns the tokens that became locked."""
+        delta = 0
+        while node is not self.root:
+            if node.lock_ref == 0 and node.value is not None:
+                self.locked_nodes += 1
+                delta += self.segment_size
+            node.lock_ref += 1
+            self._update_leaf(node)
+            node = node.parent  # type: ignore[assignment]
+        return delta
+
+    def unlock(self, node: SegmentNode) -> int:
+        """Undo one ``lock(node)``; returns the tokens that became evictable."""
+        delta = 0
+        while node is not self.root:
+            if node.lock_ref <= 0:
+                raise RuntimeError(f"unlock of an unlocked node {node!r}")
+            node.lock_ref -= 1
+            if node.lock_ref == 0 and node.value is not None:
+                self.locked_nodes -= 1
+                delta += self.segment_size
+            self._update_leaf(node)
+            node = node.parent  # type: ignore[assignment]
+        return delta
+
+    # -- eviction ------------------------------------------------------------
+
+    def _has_local_child(self, node: SegmentNode) -> bool:
+        return any(c.value is not None for c in node.children.values())
+
+    def _update_leaf(self, node: SegmentNode) -> None:
+        if node is self.root:
+            return
+        if node.value is not None and node.lock_ref == 0 and not self._has_local_child(node):
+            self._evictable_leaves.add(node)
+        else:
+            self._evictable_leaves.discard(node)
+
+    def evict(self, num_tokens: int) -> list[tuple[SegmentNode, Any]]:
+        """Drop local segments, least recently used leaves first, until at least
+        ``num_tokens`` are freed or nothing evictable is left.
+
+        Returns ``(node, value)`` for every dropped segment; the caller frees the
+        values. A node with other owners stays in the tree as a remote entry.
+        """
+        heap = [(n.last_access, n.id, n) for n in self._evictable_leaves]
+        heapq.heapify(heap)
+        out: list[tuple[SegmentNode, Any]] = []
+        freed = 0
+        while freed < num_tokens and heap:
+            _, _, node = heapq.heappop(heap)
+            if node not in self._evictable_leaves:
+                continue
+            parent = node.parent  # read before _drop_local may prune the node
+            out.append((node, self._drop_local(node)))
+            freed += self.segment_size
+            if parent is not None and parent in self._evictable_leaves:
+                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        return out
+
+    def _drop_local(self, node: SegmentNode) -> Any:
+        value = node.value
+        assert value is not None and node.lock_ref == 0
+        node.value = None
+        node.tokens = None
+        self.local_nodes -= 1
+        self._evictable_leaves.discard(node)
+        parent = node.parent
+        self._prune(node)
+        if parent is not None:
+            self._update_leaf(parent)
+        return value
+
+    def _prune(self, node: SegmentNode) -> None:
+        """Remove ``node`` (and empty ancestors) once nothing refers to it."""
+        while (
+            node is not self.root
+            and node.value is None
+            and not node.owners
+            and not node.children
+            and node.lock_ref == 0
+        ):
+            parent = node.parent
+            assert parent is not None
+            del parent.children[node.key]
+            node.parent = None
+            node = parent
+
+    # -- remote owners (used by the pool) -------------------------------------
+
+    def add_owner(
+        self, keys: Sequence[SegmentKey], owner: str, *, upto: Optional[int] = None
+    ) -> SegmentNode:
+        """Record that ``owner`` holds segment ``len(keys)-1`` (creating path nodes)."""
+        node = self.root
+        for k in keys[:upto]:
+            child = node.children.get(k)
+            if child is None:
+                child = SegmentNode(k, node, node.depth + 1, next(self._ids))
+                node.children[k] = child
+            node = child
+        node.owners.add(owner)
+        return node
+
+    def remove_owner(self, node: SegmentNode, owner: str) -> None:
+        node.owners.discard(owner)
+        self._prune(node)
+
+    # -- inspection ----------------------------------------------------------
+
+    def iter_nodes(self) -> Iterator[SegmentNode]:
+        stack = list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children.values())
+
+    def path_to(self, node: SegmentNode) -> list[SegmentNode]:
+        out = []
+        while node is not self.root:
+            out.append(node)
+            node = node.parent  # type: ignore[assignment]
+        out.reverse()
+        return out
+
+    def check(self) -> None:
+        """Recount everything from the nodes and compare with the counters."""
+        local = locked = 0
+        leaves = set()
+        for n in self.iter_nodes():
+            assert n.parent is not None and n.parent.children.get(n.key) is n, n
+            assert n.lock_ref >= 0, n
+            if n.value is not None:
+                local += 1
+                locked += n.lock_ref > 0
+                assert n.tokens is not None and len(n.tokens) == self.segment_size * 8, n
+                if n.lock_ref == 0 and not self._has_local_child(n):
+                    leaves.add(n)
+            for c in n.children.values():
+                assert c.lock_ref <= n.lock_ref, (c, n)  # a lock covers the whole path
+        assert local == self.local_nodes, (local, self.local_nodes)
+        assert locked == self.locked_nodes, (locked, self.locked_nodes)
+        assert leaves == self._evictable_leaves, (len(leaves), len(self._evictable_leaves))

@@ -1,0 +1,163 @@
+"""The segment tree: match/insert/evict order, locks, collisions, counters."""
+
+import pytest
+
+from sglang_tokenlake.segments import namespace_seed, segment_bytes, segment_keys
+from sglang_tokenlake.tree import SegmentTree
+
+S = 4
+SEED = namespace_seed("test")
+
+
+def chain(tokens):
+    return segment_keys(tokens, S, SEED), segment_bytes(tokens, S)
+
+
+def insert(tree, tokens, tag):
+    keys, raw = chain(tokens)
+    return tree.insert(keys, raw, [f"{tag}{i}" for i in range(len(keys))])
+
+
+def check(tree, capacity_segments=None):
+    """The tree's invariant: counters equal a recount; cached = locked + evictable."""
+    tree.check()
+    assert tree.cached_tokens == tree.locked_tokens + tree.evictable_tokens
+    assert tree.cached_tokens == S * sum(1 for n in tree.iter_nodes() if n.is_local)
+
+
+def test_insert_then_match():
+    t = SegmentTree(S)
+    out = insert(t, list(range(10)), "a")
+    assert out.adopted == [True, True]
+    assert [n.value for n in out.path] == ["a0", "a1"]
+    keys, raw = chain(list(range(10)))
+    assert [n.value for n in t.match(keys, raw)] == ["a0", "a1"]
+    # A longer request sharing 1 segment matches exactly 1.
+    keys2, raw2 = chain([0, 1, 2, 3, 9, 9, 9, 9])
+    assert [n.value for n in t.match(keys2, raw2)] == ["a0"]
+    check(t)
+
+
+def test_duplicate_insert_is_not_adopted():
+    t = SegmentTree(S)
+    insert(t, list(range(8)), "a")
+    out = insert(t, list(range(12)), "b")
+    assert out.adopted == [False, False, True]
+    assert [n.value for n in out.path] == ["a0", "a1", "b2"]
+    assert t.cached_tokens == 3 * S
+    check(t)
+
+
+def test_evict_is_lru_and_leaf_first():
+    t = SegmentTree(S)
+    insert(t, [1] * 4 + [2] * 4 + [3] * 4, "x")  # x0 - x1 - x2
+    insert(t, [1] * 4 + [5] * 4, "y")  # x0 - y1 (y shares x0)
+    # Touch the x chain so y1 is least recently used.
+    t.match(*chain([1] * 4 + [2] * 4 + [3] * 4))
+    dropped = t.evict(S)
+    assert [v for _, v in dropped] == ["y1"]
+    # x0 is not a leaf while x1 is local: leaves go first, then their parents.
+    dropped = t.evict(100 * S)
+    assert [v for _, v in dropped] == ["x2", "x1", "x0"]
+    assert t.cached_tokens == 0
+    assert list(t.iter_nodes()) == []  # nodes without owners are pruned
+    check(t)
+
+
+def test_evict_stops_when_enough():
+    t = SegmentTree(S)
+    insert(t, list(range(16)), "a")
+    dropped = t.evict(S + 1)  # needs two segments to reach S + 1 tokens
+    assert [v for _, v in dropped] == ["a3", "a2"]
+    check(t)
+
+
+def test_locks_protect_the_path():
+    t = SegmentTree(S)
+    out = insert(t, list(range(12)), "a")
+    assert t.lock(out.path[1]) == 2 * S  # a0 and a1 become locked
+    assert (t.locked_tokens, t.evictable_tokens) == (2 * S, S)
+    dropped = t.evict(100 * S)
+    assert [v for _, v in dropped] == ["a2"]  # only the unlocked leaf
+    check(t)
+    assert t.unlock(out.path[1]) == 2 * S
+    assert [v for _, v in t.evict(100 * S)] == ["a1", "a0"]
+    with pytest.raises(RuntimeError):
+        t.unlock(out.path[0])
+    check(t)
+
+
+def test_nested_locks_count():
+    t = SegmentTree(S)
+    out = insert(t, list(range(8)), "a")
+    t.lock(out.path[1])
+    t.lock(out.path[0])
+    assert t.locked_tokens == 2 * S
+    t.unlock(out.path[1])
+    assert t.locked_tokens == S and t.evictable_tokens == S
+    assert [v for _, v in t.evict(10 * S)] == ["a1"]
+    t.unlock(out.path[0])
+    check(t)
+
+
+def test_token_verification_stops_a_collision():
+    t = SegmentTree(S)
+    insert(t, list(range(8)), "a")
+    keys, raw = chain(list(range(8)))
+    # Same keys, different tokens (as a 64-bit collision would look).
+    fake_raw = segment_bytes([0, 1, 2, 3, 4, 5, 6, 99], S)
+    assert len(t.match(keys, fake_raw)) == 1
+    assert len(t.match(keys, None)) == 2  # verification off trusts keys
+    out = t.insert(keys, fake_raw, ["b0", "b1"])
+    assert out.adopted == [False]  # stops at the colliding segment, takes nothing
+    assert [n.value for n in out.path] == ["a0"]
+    check(t)
+
+
+def test_remote_owner_entries():
+    t = SegmentTree(S)
+    keys, raw = chain(list(range(8)))
+    node = t.add_owner(keys[:2], "w2")
+    assert not node.is_local and node.owners == {"w2"}
+    assert t.match(keys, raw) == []  # remote segments are not a local hit
+    assert t.cached_tokens == 0
+    out = t.insert(keys, raw, ["a0", "a1"])
+    assert out.adopted == [True, True]
+    assert out.path[1] is node and node.owners == {"w2"}
+    # Evicting the local copy keeps the remote entry.
+    t.evict(100 * S)
+    assert [n.owners for n in t.iter_nodes() if n.owners] == [{"w2"}]
+    t.remove_owner(node, "w2")
+    assert list(t.iter_nodes()) == []
+    check(t)
+
+
+def test_many_random_operations_keep_counters_exact():
+    import random
+
+    rng = random.Random(7)
+    t = SegmentTree(S)
+    locked = []
+    prefixes = [[rng.randrange(5) for _ in range(S * rng.randint(1, 6))] for _ in range(30)]
+    for step in range(2000):
+        op = rng.random()
+        toks = rng.choice(prefixes)
+        if op < 0.4:
+            insert(t, toks, f"s{step}-")
+        elif op < 0.6:
+            path = t.match(*chain(toks))
+            if path:
+                t.lock(path[-1])
+                locked.append(path[-1])
+        elif op < 0.8 and locked:
+            t.unlock(locked.pop(rng.randrange(len(locked))))
+        else:
+            for node, _ in t.evict(rng.randint(1, 5) * S):
+                assert node.lock_ref == 0
+        if step % 50 == 0:
+            check(t)
+    for n in locked:
+        t.unlock(n)
+    check(t)
+    t.evict(10**9)
+    assert t.cached_tokens == 0
