@@ -3,11 +3,12 @@
 A prefix is cut into fixed-size segments. The KV of a segment depends on every
 token before it, so a segment is named by a chained hash:
 
-    key_0 = H(seed          || tokens[0 : S])
-    key_i = H(key_{i-1}     || tokens[i*S : (i+1)*S])
+    key_0 = H(tokens[0 : S];         seed)
+    key_i = H(tokens[i*S : (i+1)*S]; key_{i-1})
 
-where ``seed`` is the namespace (model, LoRA / extra_key, cache_salt) and ``H``
-is XXH3-64 over the little-endian bytes. Two prefixes share the key of segment
+where ``seed`` is the namespace (model, LoRA / extra_key, cache_salt) and
+``H(data; s)`` is XXH3-64 of the little-endian int64 bytes with seed ``s``
+(the previous key seeds the next hash: one call per segment, no concatenation). Two prefixes share the key of segment
 ``i`` exactly when they share the namespace and the first ``(i+1)*S`` tokens
 (up to hash collisions, which the tree guards against by keeping the tokens
 of local segments and comparing them).
@@ -65,10 +66,8 @@ def _as_int64(tokens: Sequence[int]) -> np.ndarray:
 
 def chain_key(parent: SegmentKey, segment_tokens: Sequence[int]) -> SegmentKey:
     """The key of one segment given its parent's key (or the namespace seed)."""
-    data = _as_int64(segment_tokens)
-    h = xxhash.xxh3_64(parent.to_bytes(_KEY_BYTES, "little"))
-    h.update(data.tobytes())
-    return h.intdigest()
+    data = _as_int64(segment_tokens).astype("<i8", copy=False)
+    return xxhash.xxh3_64_intdigest(data.tobytes(), parent)
 
 
 def segment_keys(
@@ -124,11 +123,9 @@ def keys_from_bytes(
     prev = seed if start == 0 else parent
     assert prev is not None
     keys: list[SegmentKey] = []
-    xxh = xxhash.xxh3_64
+    xxh = xxhash.xxh3_64_intdigest
     for i in range(start, len(raw) // step):
-        h = xxh(prev.to_bytes(_KEY_BYTES, "little"))
-        h.update(raw[i * step : (i + 1) * step])
-        prev = h.intdigest()
+        prev = xxh(raw[i * step : (i + 1) * step], prev)
         keys.append(prev)
     return keys
 

@@ -41,6 +41,7 @@ class SegmentNode:
         "tokens",
         "value",
         "owners",
+        "nlocal",
         "lock_ref",
         "last_access",
         "hits",
@@ -57,6 +58,7 @@ class SegmentNode:
         self.tokens: Optional[bytes] = None  # int64 bytes of the segment, when local
         self.value: Any = None  # local slots; None when not held here
         self.owners: set[str] = set()  # other workers holding a copy
+        self.nlocal = 0  # children with a local copy (leaf test in O(1))
         self.lock_ref = 0
         self.last_access = 0
         self.hits = 0
@@ -210,6 +212,7 @@ class SegmentTree:
             if child.value is None:
                 child.value = values[i]
                 child.tokens = seg_tokens
+                node.nlocal += 1
                 self.local_nodes += 1
                 if child.lock_ref > 0:
                     self.locked_nodes += 1
@@ -253,13 +256,10 @@ class SegmentTree:
 
     # -- eviction ------------------------------------------------------------
 
-    def _has_local_child(self, node: SegmentNode) -> bool:
-        return any(c.value is not None for c in node.children.values())
-
     def _update_leaf(self, node: SegmentNode) -> None:
         if node is self.root:
             return
-        if node.value is not None and node.lock_ref == 0 and not self._has_local_child(node):
+        if node.value is not None and node.lock_ref == 0 and node.nlocal == 0:
             self._evictable_leaves.add(node)
         else:
             self._evictable_leaves.discard(node)
@@ -294,6 +294,8 @@ class SegmentTree:
         self.local_nodes -= 1
         self._evictable_leaves.discard(node)
         parent = node.parent
+        if parent is not None:
+            parent.nlocal -= 1
         self._prune(node)
         if parent is not None:
             self._update_leaf(parent)
@@ -362,8 +364,9 @@ class SegmentTree:
                 local += 1
                 locked += n.lock_ref > 0
                 assert n.tokens is not None and len(n.tokens) == self.segment_size * 8, n
-                if n.lock_ref == 0 and not self._has_local_child(n):
+                if n.lock_ref == 0 and n.nlocal == 0:
                     leaves.add(n)
+            assert n.nlocal == sum(c.value is not None for c in n.children.values()), n
             for c in n.children.values():
                 assert c.lock_ref <= n.lock_ref, (c, n)  # a lock covers the whole path
         assert local == self.local_nodes, (local, self.local_nodes)

@@ -17,8 +17,8 @@ from sglang_tokenlake.segments import (
 
 
 def _ref_key(parent: int, tokens: list[int]) -> int:
-    data = parent.to_bytes(8, "little") + b"".join(t.to_bytes(8, "little", signed=True) for t in tokens)
-    return xxhash.xxh3_64_intdigest(data)
+    data = b"".join(t.to_bytes(8, "little", signed=True) for t in tokens)
+    return xxhash.xxh3_64_intdigest(data, seed=parent)
 
 
 def test_exact_keys_follow_the_chain():

@@ -26,7 +26,6 @@ from collections import deque
 from typing import Any, Optional
 
 import torch
-
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     DecLockRefParams,
@@ -35,6 +34,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     EvictResult,
     IncLockRefResult,
     InitLoadBackParams,
+    InsertParams,
+    InsertResult,
     MatchPrefixParams,
     MatchResult,
 )
@@ -158,12 +159,50 @@ class TokenLakeCache(BasePrefixCache):
             self.tree.match(keys, raw if self.config.verify_tokens else None)
 
     def path_device_indices(self, node: SegmentNode) -> torch.Tensor:
-        values = [n.value for n in self.tree.path_to(node)]
-        if not values:
+        runs = _merge_runs([n.value for n in self.tree.path_to(node)], self.segment_size)
+        if not runs:
             return self._empty
-        return torch.cat(values)
+        return torch.cat(runs)
 
     # -- BasePrefixCache: insert ---------------------------------------------
+
+    def _insert_slots(self, keys: list[int], raw: bytes, slots: torch.Tensor) -> Any:
+        """Insert segments ``keys`` whose KV sits in ``slots`` (one slot per token).
+
+        Only the part the tree does not hold yet is copied, once, into a tensor
+        the new nodes share as runs ``(base, start)``; copying only that part
+        keeps a long shared prefix from being retained by every insert.
+        """
+        S = self.segment_size
+        path = self.tree.walk(keys)
+        first_new = 0
+        while first_new < len(path) and path[first_new].value is not None:
+            first_new += 1
+        values: list[Any] = [None] * first_new
+        if first_new < len(keys):
+            base = slots[first_new * S : len(keys) * S].to(dtype=torch.int64, copy=True)
+            values += [(base, (i - first_new) * S) for i in range(first_new, len(keys))]
+        out = self.tree.insert(keys, raw, values)
+        self.stats.inserted_segments += out.num_new
+        return out
+
+    def insert(self, params: InsertParams) -> InsertResult:
+        """Insert the full segments of ``params.key`` with slots ``params.value``.
+
+        Returns ``prefix_len``: the tokens (from the start) whose segments the
+        tree already held, i.e. the caller's slots there are duplicates to free,
+        and the node the insert ended on. Segments past a key collision are not
+        inserted (``total_len`` says how far the tree's path reaches).
+        """
+        keys, raw = self._key_chain(params.key)
+        out = self._insert_slots(keys, raw, params.value)
+        present = 0
+        while present < len(out.adopted) and not out.adopted[present]:
+            present += 1
+        last = out.path[-1] if out.path else self.root_node
+        S = self.segment_size
+        return InsertResult(prefix_len=present * S, total_len=len(out.path) * S,
+                            last_device_node=last)
 
     def checkpoint(self, req: Any, *, up_to: int, **kwargs: Any) -> None:
         """Insert the request's full segments in ``[0, up_to)`` and re-anchor its lock."""
@@ -179,10 +218,7 @@ class TokenLakeCache(BasePrefixCache):
         key = RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt)
         keys, raw = self._key_chain(key)
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
-        values = [
-            row[i * S : (i + 1) * S].to(dtype=torch.int64, copy=True) for i in range(n_seg)
-        ]
-        out = self.tree.insert(keys, raw, values)
+        out = self._insert_slots(keys, raw, row[: n_seg * S])
 
         # The request computed segments the tree already held: free its copies
         # and point the row at the tree's.
@@ -192,11 +228,9 @@ class TokenLakeCache(BasePrefixCache):
                 dup_ranges.append((i * S, (i + 1) * S))
         if dup_ranges:
             self.free_kv_row(kv, dup_ranges)
-            for start, end in dup_ranges:
-                self.req_to_token_pool.write(
-                    (kv.req_pool_idx, slice(start, end)), out.path[start // S].value
-                )
-        self.stats.inserted_segments += out.num_new
+            for a, b in dup_ranges:
+                base, off = out.path[a // S].value
+                self.req_to_token_pool.write((kv.req_pool_idx, slice(a, b)), base[off : off + S])
         self.stats.duplicate_segments += len(dup_ranges)
 
         new_len = len(out.path) * S
@@ -235,7 +269,8 @@ class TokenLakeCache(BasePrefixCache):
         start = time.perf_counter()
         dropped = self.tree.evict(params.num_tokens)
         if dropped:
-            self.token_to_kv_pool_allocator.free(torch.cat([v for _, v in dropped]))
+            runs = _merge_runs([v for _, v in dropped], self.segment_size)
+            self.token_to_kv_pool_allocator.free(torch.cat(runs))
         n = len(dropped) * self.segment_size
         self.stats.evicted_segments += len(dropped)
         self.update_eviction_metrics(n, start)
@@ -258,7 +293,9 @@ class TokenLakeCache(BasePrefixCache):
         """
         self.tree.check()
         alloc = self.token_to_kv_pool_allocator
-        values = [n.value for n in self.tree.iter_nodes() if n.value is not None]
+        values = _merge_runs(
+            [n.value for n in self.tree.iter_nodes() if n.value is not None], self.segment_size
+        )
         cached = self.tree.cached_tokens
         if values:
             slots = torch.cat(values)
@@ -333,3 +370,24 @@ class TokenLakeCache(BasePrefixCache):
             s.hit_tokens, s.miss_tokens, 100.0 * s.hit_rate, self.tree.cached_tokens,
             int(self.token_to_kv_pool_allocator.size), self.tree.local_nodes, s.evicted_segments,
         )
+
+
+def _merge_runs(values: list[Any], segment_size: int) -> list[torch.Tensor]:
+    """Slices of the slot runs ``(base, start)``, merging runs that continue each other.
+
+    A segment's slots are ``base[start : start + segment_size]``; the segments
+    inserted together share one ``base``, so a path usually merges into one slice.
+    """
+    out: list[torch.Tensor] = []
+    base: Optional[torch.Tensor] = None
+    lo = hi = 0
+    for b, start in values:
+        if b is base and start == hi:
+            hi += segment_size
+            continue
+        if base is not None:
+            out.append(base[lo:hi])
+        base, lo, hi = b, start, start + segment_size
+    if base is not None:
+        out.append(base[lo:hi])
+    return out

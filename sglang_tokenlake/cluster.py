@@ -1,0 +1,252 @@
+"""Start and stop SGLang workers (``python -m sglang.launch_server``) from Python or the shell.
+
+    python -m sglang_tokenlake.cluster --model models/tiny --workers 2 --cache-backend tokenlake
+
+starts the workers, prints their URLs and broker addresses, and stops every
+process it started on Ctrl-C. Tests, the demo and the benchmarks use the same
+``Worker`` class. On a host without CUDA the CPU flags are added
+(``--device cpu --attention-backend torch_native ...``, see DESIGN notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+BROKER_PORT_OFFSET = 1000
+
+CPU_FLAGS = [
+    "--device", "cpu",
+    "--attention-backend", "torch_native",
+    "--sampling-backend", "pytorch",
+    "--cuda-graph-backend-decode", "disabled",
+    "--cuda-graph-backend-prefill", "disabled",
+    "--disable-overlap-schedule",
+    "--mem-fraction-static", "0.05",
+]
+
+CPU_ENV = {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    # One thread per worker: several workers share a few cores.
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(avoid: Sequence[int] = (), start: int = 20000, end: int = 29000) -> int:
+    """A port p such that p and p + BROKER_PORT_OFFSET are free (the broker's default)."""
+    import random
+
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(2000):
+        p = rng.randrange(start, end)
+        if p in avoid or p + BROKER_PORT_OFFSET in avoid:
+            continue
+        if port_is_free(p) and port_is_free(p + BROKER_PORT_OFFSET):
+            return p
+    raise RuntimeError("no free port pair found")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+@dataclass
+class WorkerSpec:
+    model: str
+    port: int
+    cache_backend: str = "tokenlake"
+    page_size: int = 1
+    segment_size: Optional[int] = None
+    max_total_tokens: Optional[int] = 8192
+    dtype: str = "float32"
+    device: Optional[str] = None  # None: cpu when CUDA is missing
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self) -> list[str]:
+        a = [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", self.model,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--dtype", self.dtype,
+            "--page-size", str(self.page_size),
+            "--cache-backend", self.cache_backend,
+            "--sleep-on-idle",
+            "--log-level", "info",
+        ]
+        if self.max_total_tokens:
+            a += ["--max-total-tokens", str(self.max_total_tokens)]
+        if self.cache_backend == "tokenlake" and self.segment_size:
+            a += ["--tokenlake-segment-size", str(self.segment_size)]
+        device = self.device or ("cuda" if cuda_available() else "cpu")
+        if device == "cpu":
+            a += CPU_FLAGS
+        return a + list(self.extra_args)
+
+
+class Worker:
+    """One ``launch_server`` process (in its own process group)."""
+
+    def __init__(self, spec: WorkerSpec, log_dir: Optional[str] = None, name: str = "") -> None:
+        self.spec = spec
+        self.name = name or f"worker-{spec.port}"
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tokenlake-logs-"))
+        self.log_path = self.log_dir / f"{self.name}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+    @property
+    def broker_addr(self) -> str:
+        return f"127.0.0.1:{self.spec.port + BROKER_PORT_OFFSET}"
+
+    def start(self) -> Worker:
+        env = dict(os.environ)
+        if (self.spec.device or ("cuda" if cuda_available() else "cpu")) == "cpu":
+            env.update(CPU_ENV)
+        env.update(self.spec.env)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.spec.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode}; log tail:\n{self.log_tail()}"
+                )
+            try:
+                r = requests.get(self.url + "/health", timeout=2)
+                if r.status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s; log tail:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (the server and its scheduler processes)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None:
+            return
+        self.kill(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+            self.proc.wait(10)
+        # Scheduler children may outlive the parent briefly; clear the group.
+        self.kill(signal.SIGKILL)
+
+
+def start_workers(specs: Sequence[WorkerSpec], log_dir: Optional[str] = None,
+                  timeout: float = 300.0) -> list[Worker]:
+    """Start all workers at once, wait for all; on any failure stop them all."""
+    workers = [Worker(s, log_dir, name=f"worker{i}-{s.port}") for i, s in enumerate(specs)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_ready(timeout)
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    return workers
+
+
+def stop_workers(workers: Sequence[Worker]) -> None:
+    for w in workers:
+        w.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sglang_tokenlake.cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model path (e.g. models/tiny)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--base-port", type=int, default=0, help="first HTTP port (0: pick free ports)")
+    p.add_argument("--cache-backend", choices=["radix", "tokenlake"], default="tokenlake")
+    p.add_argument("--page-size", type=int, default=1)
+    p.add_argument("--segment-size", type=int, default=None)
+    p.add_argument("--max-total-tokens", type=int, default=8192)
+    p.add_argument("--log-dir", default="out/logs")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more launch_server flags after --")
+    a = p.parse_args(argv)
+    extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
+    ports: list[int] = []
+    for i in range(a.workers):
+        ports.append(a.base_port + i if a.base_port else free_port(avoid=ports))
+    specs = [
+        WorkerSpec(a.model, port, a.cache_backend, a.page_size, a.segment_size,
+                   a.max_total_tokens, extra_args=list(extra))
+        for port in ports
+    ]
+    workers = start_workers(specs, a.log_dir)
+    for w in workers:
+        print(f"{w.name}: {w.url}  broker {w.broker_addr}  log {w.log_path}", flush=True)
+    print("Ctrl-C stops all workers.", flush=True)
+    try:
+        while all(w.alive() for w in workers):
+            time.sleep(1)
+        print("a worker exited; stopping the others", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_workers(workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The launcher: flags are documented in --help; wrong values fail fast and clearly."""
+
+import subprocess
+import sys
+
+import pytest
+
+LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
+
+
+def run(args, timeout=180):
+    return subprocess.run(LAUNCH + args, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_documents_every_flag():
+    import dataclasses
+
+    from sglang_tokenlake.config import TokenLakeConfig
+
+    out = run(["--help"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    assert "--cache-backend {radix,tokenlake}" in text
+    for f in dataclasses.fields(TokenLakeConfig):
+        flag = f"--tokenlake-{f.name.replace('_', '-')}"
+        assert flag in text, flag
+        assert " ".join(f.metadata["help"].split())[:40] in text, flag
+
+
+BAD = [
+        (["--page-size", "16", "--tokenlake-segment-size", "24"], "must be a multiple of --page-size (16)"),
+        (["--tokenlake-segment-size", "0"], "--tokenlake-segment-size must be positive"),
+        (["--enable-hierarchical-cache"], "cannot be combined with: --enable-hierarchical-cache"),
+        (["--radix-eviction-policy", "lfu"], "--radix-eviction-policy lfu"),
+        (["--radix-cache-backend", "flexkv"], "conflicts with --radix-cache-backend flexkv"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad invocation, run concurrently (each pays SGLang's import time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = str(tmp_path_factory.mktemp("no-model"))
+    with ThreadPoolExecutor(len(BAD)) as pool:
+        return list(pool.map(
+            lambda a: run(["--model-path", model, "--cache-backend", "tokenlake", *a[0]]), BAD
+        ))
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a) for a, _ in BAD])
+def test_wrong_flags_fail_at_start_up(case, bad_runs):
+    out, message = bad_runs[case], BAD[case][1]
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    assert "sglang-tokenlake:" in out.stderr
