@@ -54,3 +54,15 @@ def test_wrong_flags_fail_at_start_up(case, bad_runs):
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
     assert "sglang-tokenlake:" in out.stderr
+
+
+def test_readme_documents_every_flag():
+    import dataclasses
+    from pathlib import Path
+
+    from sglang_tokenlake.config import TokenLakeConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "--cache-backend" in readme
+    for f in dataclasses.fields(TokenLakeConfig):
+        assert f"--tokenlake-{f.name.replace('_', '-')}" in readme, f.name
