@@ -15,7 +15,13 @@ stores a tensor of KV slot ids), the other workers that hold a copy
 Sizes are counted in tokens: every local node holds exactly ``segment_size``.
 Eviction is leaf-first LRU over local nodes: a local node is evictable when no
 request locks it and no local child hangs under it (a segment is useless
-without its ancestors). Order: least recently used first, ties by creation.
+without its ancestors). Order: transient copies before designated ones, then
+least recently used first, ties by creation. In a pool, a local copy is
+*designated* when this worker is one of the segment's homes (placement) and
+*transient* otherwise (computed or pulled here, kept only while memory allows).
+
+Every node is also indexed by key (``nodes``), so announcements from other
+workers can be applied by key.
 
 Plain Python: no torch, sglang or zmq. The tree never frees memory itself;
 ``evict`` returns the values it dropped and the caller frees them.
@@ -42,6 +48,7 @@ class SegmentNode:
         "value",
         "owners",
         "nlocal",
+        "designated",
         "lock_ref",
         "last_access",
         "hits",
@@ -59,6 +66,7 @@ class SegmentNode:
         self.value: Any = None  # local slots; None when not held here
         self.owners: set[str] = set()  # other workers holding a copy
         self.nlocal = 0  # children with a local copy (leaf test in O(1))
+        self.designated = True  # this worker is a home of the segment
         self.lock_ref = 0
         self.last_access = 0
         self.hits = 0
@@ -108,6 +116,7 @@ class SegmentTree:
     def reset(self) -> None:
         self.root = SegmentNode(0, None, -1, next(self._ids))
         self.root.lock_ref = 1  # never evicted
+        self.nodes: dict[SegmentKey, SegmentNode] = {}
         self._tick = 0
         self.local_nodes = 0
         self.locked_nodes = 0  # local nodes with lock_ref > 0
@@ -178,11 +187,19 @@ class SegmentTree:
 
     # -- insert --------------------------------------------------------------
 
+    def _new_child(self, parent: SegmentNode, key: SegmentKey) -> SegmentNode:
+        child = SegmentNode(key, parent, parent.depth + 1, next(self._ids))
+        parent.children[key] = child
+        self.nodes[key] = child
+        return child
+
     def insert(
         self,
         keys: Sequence[SegmentKey],
         raw_tokens: bytes,
         values: Sequence[Any],
+        *,
+        designated: Optional[Sequence[bool]] = None,
     ) -> InsertOutcome:
         """Make segments ``0..len(keys)-1`` local, taking ``values[i]`` where needed.
 
@@ -190,6 +207,8 @@ class SegmentTree:
             keys: the chained keys of the segments, from segment 0.
             raw_tokens: int64 bytes of the segments' tokens (``len(keys) * segment_size``).
             values: one value (slots) per segment.
+            designated: per segment, whether an adopted copy is designated
+                (default: all designated, as in a pool of one).
         """
         if len(values) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
@@ -203,8 +222,7 @@ class SegmentTree:
             seg_tokens = raw_tokens[i * step : (i + 1) * step]
             child = node.children.get(k)
             if child is None:
-                child = SegmentNode(k, node, node.depth + 1, next(self._ids))
-                node.children[k] = child
+                child = self._new_child(node, k)
             elif child.value is not None and child.tokens != seg_tokens:
                 # A 64-bit key collision: keep the existing segment, take nothing
                 # further along this path (nothing below it can be ours).
@@ -212,6 +230,7 @@ class SegmentTree:
             if child.value is None:
                 child.value = values[i]
                 child.tokens = seg_tokens
+                child.designated = True if designated is None else bool(designated[i])
                 node.nlocal += 1
                 self.local_nodes += 1
                 if child.lock_ref > 0:
@@ -271,20 +290,26 @@ class SegmentTree:
         Returns ``(node, value)`` for every dropped segment; the caller frees the
         values. A node with other owners stays in the tree as a remote entry.
         """
-        heap = [(n.last_access, n.id, n) for n in self._evictable_leaves]
+        heap = [(n.designated, n.last_access, n.id, n) for n in self._evictable_leaves]
         heapq.heapify(heap)
         out: list[tuple[SegmentNode, Any]] = []
         freed = 0
         while freed < num_tokens and heap:
-            _, _, node = heapq.heappop(heap)
+            node = heapq.heappop(heap)[-1]
             if node not in self._evictable_leaves:
                 continue
             parent = node.parent  # read before _drop_local may prune the node
             out.append((node, self._drop_local(node)))
             freed += self.segment_size
             if parent is not None and parent in self._evictable_leaves:
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
+                heapq.heappush(heap, (parent.designated, parent.last_access, parent.id, parent))
         return out
+
+    def drop(self, node: SegmentNode) -> Any:
+        """Drop one unlocked local copy (whatever its place in the LRU); returns its value."""
+        if node.value is None or node.lock_ref:
+            raise RuntimeError(f"cannot drop {node!r}")
+        return self._drop_local(node)
 
     def _drop_local(self, node: SegmentNode) -> Any:
         value = node.value
@@ -313,28 +338,103 @@ class SegmentTree:
             parent = node.parent
             assert parent is not None
             del parent.children[node.key]
+            if self.nodes.get(node.key) is node:
+                del self.nodes[node.key]
             node.parent = None
             node = parent
 
-    # -- remote owners (used by the pool) -------------------------------------
+    # -- remote owners and pooled copies ---------------------------------------
+
+    def ensure_path(self, keys: Sequence[SegmentKey]) -> SegmentNode:
+        """The node of segment ``len(keys) - 1``, creating missing path nodes."""
+        node = self.root
+        for k in keys:
+            child = node.children.get(k)
+            node = child if child is not None else self._new_child(node, k)
+        return node
 
     def add_owner(
         self, keys: Sequence[SegmentKey], owner: str, *, upto: Optional[int] = None
     ) -> SegmentNode:
-        """Record that ``owner`` holds segment ``len(keys)-1`` (creating path nodes)."""
-        node = self.root
-        for k in keys[:upto]:
-            child = node.children.get(k)
-            if child is None:
-                child = SegmentNode(k, node, node.depth + 1, next(self._ids))
-                node.children[k] = child
-            node = child
+        """Record that ``owner`` holds segment ``len(keys[:upto]) - 1`` (creating path nodes)."""
+        node = self.ensure_path(keys[:upto])
         node.owners.add(owner)
         return node
+
+    def add_owner_chain(self, keys: Sequence[SegmentKey], held: Sequence[int], owner: str) -> None:
+        """``owner`` holds segments ``held`` (indices into ``keys``) of the chain ``keys``."""
+        if not held:
+            return
+        node = self.root
+        want = set(held)
+        for i, k in enumerate(keys[: max(want) + 1]):
+            child = node.children.get(k)
+            node = child if child is not None else self._new_child(node, k)
+            if i in want:
+                node.owners.add(owner)
 
     def remove_owner(self, node: SegmentNode, owner: str) -> None:
         node.owners.discard(owner)
         self._prune(node)
+
+    def remove_owner_keys(self, keys: Sequence[SegmentKey], owner: str) -> int:
+        """Forget that ``owner`` holds the segments ``keys``; returns how many it held."""
+        n = 0
+        for k in keys:
+            node = self.nodes.get(k)
+            if node is not None and owner in node.owners:
+                n += 1
+                self.remove_owner(node, owner)
+        return n
+
+    def drop_owner(self, owner: str) -> int:
+        """Forget every segment held by ``owner`` (it left the pool)."""
+        held = [n for n in self.nodes.values() if owner in n.owners]
+        for n in held:
+            n.owners.discard(owner)
+        for n in held:
+            if n.parent is not None:
+                self._prune(n)
+        return len(held)
+
+    def adopt(
+        self, keys: Sequence[SegmentKey], value: Any, tokens: bytes, *, designated: bool
+    ) -> tuple[SegmentNode, bool]:
+        """Make segment ``len(keys) - 1`` local with ``value`` (creating path nodes).
+
+        Returns ``(node, adopted)``; ``adopted`` is False when the segment was
+        local already (the caller keeps ``value`` and frees it).
+        """
+        node = self.ensure_path(keys)
+        if node.value is not None:
+            return node, False
+        assert node.parent is not None
+        node.value = value
+        node.tokens = tokens
+        node.designated = designated
+        node.parent.nlocal += 1
+        self.local_nodes += 1
+        if node.lock_ref > 0:
+            self.locked_nodes += 1
+        node.last_access = self._touch()
+        self._update_leaf(node)
+        self._update_leaf(node.parent)
+        return node, True
+
+    def run_after(self, keys: Sequence[SegmentKey], start: int) -> list[SegmentNode]:
+        """Nodes of ``keys[start:]`` that exist and are held somewhere (here or by an
+        owner), up to the first that is not: the part of a prefix the pool can serve."""
+        node = self.root if start == 0 else self.nodes.get(keys[start - 1])
+        out: list[SegmentNode] = []
+        if node is None:
+            return out
+        for k in keys[start:]:
+            child = node.children.get(k)
+            if child is None or (child.value is None and not child.owners):
+                break
+            out.append(child)
+            node = child
+        return out
 
     # -- inspection ----------------------------------------------------------
 
@@ -357,7 +457,10 @@ class SegmentTree:
         """Recount everything from the nodes and compare with the counters."""
         local = locked = 0
         leaves = set()
+        seen = 0
         for n in self.iter_nodes():
+            seen += 1
+            assert self.nodes.get(n.key) is n, n
             assert n.parent is not None and n.parent.children.get(n.key) is n, n
             assert n.lock_ref >= 0, n
             if n.value is not None:
@@ -372,3 +475,4 @@ class SegmentTree:
         assert local == self.local_nodes, (local, self.local_nodes)
         assert locked == self.locked_nodes, (locked, self.locked_nodes)
         assert leaves == self._evictable_leaves, (len(leaves), len(self._evictable_leaves))
+        assert seen == len(self.nodes), (seen, len(self.nodes))
