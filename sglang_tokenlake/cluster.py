@@ -32,7 +32,9 @@ CPU_FLAGS = [
     "--cuda-graph-backend-decode", "disabled",
     "--cuda-graph-backend-prefill", "disabled",
     "--disable-overlap-schedule",
-    "--mem-fraction-static", "0.05",
+    # Only a ceiling: --max-total-tokens sizes the pool. A small fraction fails
+    # SGLang's memory profiling when several workers start at once on one host.
+    "--mem-fraction-static", "0.3",
 ]
 
 CPU_ENV = {

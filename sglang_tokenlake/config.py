@@ -47,6 +47,44 @@ class TokenLakeConfig:
         0,
         "Port of this worker's TokenLake broker. 0 picks --port + 1000.",
     )
+    peers: str = _f(
+        "",
+        "Comma-separated broker addresses (HOST:PORT, i.e. --tokenlake-host:--tokenlake-port) "
+        "of other workers of the pool. Any one live member is enough to join: members "
+        "learn each other from heartbeats. Empty: a pool of one until someone joins.",
+    )
+    advertise_host: Optional[str] = _f(
+        None,
+        "Host other workers use to reach this broker (default: --tokenlake-host). Needed "
+        "when binding to 0.0.0.0.",
+    )
+    heartbeat_interval: float = _f(
+        0.5, "Seconds between heartbeats to every peer."
+    )
+    peer_timeout: float = _f(
+        3.0,
+        "A peer not heard from for this many seconds leaves the placement (its segments "
+        "are no longer pulled from it); it rejoins when it answers again.",
+    )
+    pull_timeout: float = _f(
+        2.0,
+        "Seconds a request waits for KV pulled from other workers before it recomputes "
+        "those tokens instead.",
+    )
+    transient_copies: bool = _f(
+        True,
+        "Keep copies of segments whose home is another worker (computed or pulled here) "
+        "as first-to-evict extras. Off: drop them as soon as no request uses them, so the "
+        "pool holds exactly one copy of each unreplicated segment.",
+    )
+    curve_dir: Optional[str] = _f(
+        None,
+        "Directory with the pool's CURVE keys (made by `tokenlake keygen DIR`): brokers "
+        "then authenticate and encrypt all traffic and refuse peers without the key.",
+    )
+    max_inflight: int = _f(
+        1024, "Requests to other workers in flight at most (back-pressure beyond it)."
+    )
     log_interval: float = _f(
         30.0,
         "Seconds between cache statistics lines in the server log (0 turns them off).",
@@ -64,6 +102,19 @@ class TokenLakeConfig:
             )
         if not (0 <= self.port < 65536):
             raise ValueError(f"--{FLAG_PREFIX}-port must be in [0, 65535], got {self.port}")
+        for name in ("heartbeat_interval", "peer_timeout", "pull_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"--{FLAG_PREFIX}-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
+        if self.peer_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                f"--{FLAG_PREFIX}-peer-timeout ({self.peer_timeout}) must exceed "
+                f"--{FLAG_PREFIX}-heartbeat-interval ({self.heartbeat_interval})"
+            )
+        self.peer_list()  # validates the addresses
+        if self.max_inflight <= 0:
+            raise ValueError(f"--{FLAG_PREFIX}-max-inflight must be positive, got {self.max_inflight}")
         if self.log_interval < 0:
             raise ValueError(
                 f"--{FLAG_PREFIX}-log-interval must be >= 0, got {self.log_interval}"
@@ -103,6 +154,18 @@ class TokenLakeConfig:
             if hasattr(args, dest):
                 kw[f.name] = getattr(args, dest)
         return cls(**kw)
+
+    def peer_list(self) -> list[str]:
+        out = []
+        for p in self.peers.split(","):
+            p = p.strip()
+            if not p:
+                continue
+            host, sep, port = p.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--{FLAG_PREFIX}-peers: {p!r} is not HOST:PORT")
+            out.append(p)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

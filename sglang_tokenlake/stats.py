@@ -20,6 +20,8 @@ class CacheStats:
     inserted_segments: int = 0
     duplicate_segments: int = 0
     evicted_segments: int = 0
+    pulled_tokens: int = 0
+    pull_fallbacks: int = 0
 
     @property
     def hit_rate(self) -> float:

@@ -21,6 +21,7 @@ loop iteration, so the tree and the allocator are only ever touched by one threa
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any, Optional
@@ -89,6 +90,9 @@ class TokenLakeCache(BasePrefixCache):
             self.metrics = TokenLakeMetrics(self.metrics_collector.labels)
         self.tree = SegmentTree(self.segment_size)
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self.pool: Any = None  # PoolLink, attached by the broker service
+        self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
+        self._wake: Any = None  # a socket in the scheduler's idle poller, when attached
         self._jobs: deque = deque()  # callables queued by the broker thread
         self._last_log = self._last_gauge = time.monotonic()
         self.reset()
@@ -96,7 +100,10 @@ class TokenLakeCache(BasePrefixCache):
     # -- BasePrefixCache: state ---------------------------------------------
 
     def reset(self) -> None:
-        self.tree.reset()
+        if self.pool is not None:
+            self.pool.on_evicted([n for n in self.tree.nodes.values() if n.value is not None])
+        with self.slot_mutex:
+            self.tree.reset()
         self.root_node = self.tree.root
         self._empty_match = MatchResult(
             device_prefix_len=0,
@@ -143,14 +150,16 @@ class TokenLakeCache(BasePrefixCache):
         keys, raw = self._key_chain(key)
         path = self.tree.match(keys, raw if self.config.verify_tokens else None)
         self.stats.lookups += 1
-        if not path:
+        run = self.pool.remote_run(keys, raw, len(path)) if self.pool is not None else []
+        if not path and not run:
             return self._empty_match
-        node = path[-1]
+        node = path[-1] if path else self.root_node
         return MatchResult(
             device_prefix_len=len(path) * self.segment_size,
             last_device_node=node,
             last_host_node=node,
-            best_match_node=node,
+            best_match_node=run[-1] if run else node,
+            host_hit_length=len(run) * self.segment_size,
         )
 
     def touch_prefix(self, key: Any) -> None:
@@ -219,6 +228,8 @@ class TokenLakeCache(BasePrefixCache):
         keys, raw = self._key_chain(key)
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
         out = self._insert_slots(keys, raw, row[: n_seg * S])
+        if self.pool is not None:
+            self.pool.on_inserted(keys, out)
 
         # The request computed segments the tree already held: free its copies
         # and point the row at the tree's.
@@ -267,10 +278,13 @@ class TokenLakeCache(BasePrefixCache):
 
     def evict(self, params: EvictParams) -> EvictResult:
         start = time.perf_counter()
-        dropped = self.tree.evict(params.num_tokens)
-        if dropped:
-            runs = _merge_runs([v for _, v in dropped], self.segment_size)
-            self.token_to_kv_pool_allocator.free(torch.cat(runs))
+        with self.slot_mutex:
+            dropped = self.tree.evict(params.num_tokens)
+            if dropped:
+                runs = _merge_runs([v for _, v in dropped], self.segment_size)
+                self.token_to_kv_pool_allocator.free(torch.cat(runs))
+        if dropped and self.pool is not None:
+            self.pool.on_evicted([n for n, _ in dropped])
         n = len(dropped) * self.segment_size
         self.stats.evicted_segments += len(dropped)
         self.update_eviction_metrics(n, start)
@@ -279,9 +293,58 @@ class TokenLakeCache(BasePrefixCache):
         return EvictResult(num_tokens_evicted=n)
 
     def init_load_back(self, params: InitLoadBackParams) -> Optional[tuple[int, Any]]:
-        # Nothing is promised as a host hit yet (host_hit_length is always 0),
-        # so a call here means no tokens are loaded.
-        return 0, params.best_match_node
+        """Pull the segments ``match_prefix`` promised from other workers.
+
+        All or nothing: on any failure (dead owner, timeout, no memory, a wrong
+        buffer) nothing is committed and the request recomputes those tokens.
+        """
+        req = params.req
+        device_node = req.last_node if req is not None else self.root_node
+        run: list[SegmentNode] = []
+        node = params.best_match_node
+        while node is not None and node is not device_node and node is not self.root_node:
+            run.append(node)
+            node = node.parent
+        run.reverse()
+        S = self.segment_size
+        if (self.pool is None or req is None or node is not device_node
+                or len(run) * S != params.host_hit_length):
+            self.stats.pull_fallbacks += 1
+            return 0, device_node
+        start = device_node.depth + 1
+        tokens = req.full_untruncated_fill_ids
+        raw = segment_bytes(tokens, S, limit=(start + len(run)) * S)[start * S * 8 :]
+        if len(raw) != len(run) * S * 8:
+            self.stats.pull_fallbacks += 1
+            return 0, device_node
+        seg_tokens = [raw[i * S * 8 : (i + 1) * S * 8] for i in range(len(run))]
+        # Pin the run (and the local nodes in it) while slots are made for it.
+        self.tree.lock(run[-1])
+        try:
+            ok = self.pool.load_run(run, seg_tokens, time.monotonic() + self.config.pull_timeout)
+        finally:
+            self.tree.unlock(run[-1])
+        if not ok:
+            self.stats.pull_fallbacks += 1
+            return 0, device_node
+        self.stats.pulled_tokens += len(run) * S
+        return len(run) * S, run[-1]
+
+    def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
+        """``n`` free KV slots (page-aligned; n a multiple of the page size), evicting if needed."""
+        alloc = self.token_to_kv_pool_allocator
+        if alloc.available_size() < n:
+            self.evict(EvictParams(num_tokens=n - alloc.available_size()))
+        if alloc.available_size() < n:
+            return None
+        return alloc.alloc(n)
+
+    def drop_nodes(self, nodes: list[SegmentNode]) -> None:
+        """Drop these unlocked local copies now and free their slots."""
+        with self.slot_mutex:
+            values = [self.tree.drop(n) for n in nodes]
+            self.token_to_kv_pool_allocator.free(torch.cat(_merge_runs(values, self.segment_size)))
+        self.stats.evicted_segments += len(values)
 
     # -- inspection ------------------------------------------------------------
 
@@ -328,6 +391,7 @@ class TokenLakeCache(BasePrefixCache):
             "known_segments": sum(1 for _ in self.tree.iter_nodes()),
             "memory": acct,
             "stats": self.stats.as_dict(),
+            "pool": self.pool.status() if self.pool is not None else None,
         }
 
     def pretty_print(self) -> None:
@@ -344,15 +408,35 @@ class TokenLakeCache(BasePrefixCache):
     def submit(self, fn: Any) -> None:
         """Queue ``fn()`` to run on the scheduler thread (called from other threads)."""
         self._jobs.append(fn)
+        if self._wake is not None:
+            self._wake()
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """Let queued work wake an idle scheduler (``--sleep-on-idle`` polls its sockets)."""
+        sleeper = getattr(scheduler, "idle_sleeper", None)
+        if sleeper is None or self._wake is not None:
+            return
+        import zmq
+
+        from sglang_tokenlake.transport.wake import Waker
+
+        waker = Waker(zmq.Context.instance())
+        sleeper.poller.register(waker.socket, zmq.POLLIN)
+        self._waker = waker
+        self._wake = waker.wake
 
     def poll(self) -> None:
         """Run queued jobs and periodic logging; called once per scheduler iteration."""
+        if self._wake is not None:
+            self._waker.drain()
         while self._jobs:
             fn = self._jobs.popleft()
             try:
                 fn()
             except Exception:  # a failed job must never take the scheduler down
                 logger.exception("TokenLake: scheduler-thread job failed")
+        if self.pool is not None:
+            self.pool.poll()
         now = time.monotonic()
         if self.metrics is not None and now - self._last_gauge >= 1.0:
             self._last_gauge = now

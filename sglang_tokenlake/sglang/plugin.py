@@ -168,4 +168,6 @@ def _tree_cache_factory(ctx: Any) -> Any:
 def _after_ingest_requests(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     cache = getattr(scheduler, "tree_cache", None)
     if getattr(cache, "is_tokenlake", False):
+        if cache._wake is None:
+            cache.attach_scheduler(scheduler)
         cache.poll()

@@ -26,12 +26,20 @@ def broker_port(config: Any, server_args: Any) -> int:
 
 def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
     port = broker_port(config, server_args)
-    worker_id = f"{config.host}:{port}"
+    host = config.advertise_host or config.host
+    if host in ("0.0.0.0", "::", ""):
+        raise ValueError(
+            "--tokenlake-host binds to all interfaces: set --tokenlake-advertise-host to "
+            "the address other workers should use"
+        )
+    worker_id = f"{host}:{port}"
 
     def ping(req: Request) -> None:
         req.reply("pong", {"worker": worker_id, "pid": os.getpid()})
 
     def status(req: Request) -> None:
+        want_keys = bool(req.msg.header.get("keys"))
+
         def job() -> None:
             try:
                 st = cache.status()
@@ -40,15 +48,38 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
                 return
             st["worker"] = worker_id
             st["broker"] = dict(broker.counters)
+            if want_keys and cache.pool is not None:
+                st["designated_keys"] = cache.pool.designated_keys()
             req.reply("status", st)
 
         cache.submit(job)
 
+    from sglang_tokenlake.sglang.pool import PoolLink
+
+    try:
+        pool: Any = PoolLink(cache, config, worker_id, None)
+    except ValueError as e:  # a KV pool TokenLake cannot move (e.g. MLA)
+        if config.peer_list():
+            raise
+        logger.warning("TokenLake: pooling disabled on this worker: %s", e)
+        pool = None
+    curve_keys = {}
+    if config.curve_dir:
+        import zmq
+
+        from sglang_tokenlake.transport.auth import load_pool_keys, start_authenticator
+
+        pub, sec = load_pool_keys(config.curve_dir)
+        start_authenticator(zmq.Context.instance(), config.curve_dir)
+        curve_keys = {"curve_public_key": pub, "curve_secret_key": sec}
     broker = Broker(
         f"tcp://{config.host}:{port}",
-        {"ping": ping, "status": status},
+        {"ping": ping, "status": status, **(pool.handlers() if pool is not None else {})},
         name=f"tokenlake-broker-{port}",
+        **curve_keys,
     )
+    if pool is not None:
+        pool.broker = broker
     try:
         broker.start()
     except Exception as e:
@@ -57,6 +88,9 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
             "Choose a free port with --tokenlake-port."
         ) from e
     atexit.register(broker.close)
+    if pool is not None:
+        atexit.register(pool.close)
     cache.broker = broker
+    cache.pool = pool
     logger.info("TokenLake broker listening on %s", broker.bound_endpoint)
     return broker

@@ -1,0 +1,85 @@
+"""Segment KV between SGLang's KV pool and wire buffers (torch).
+
+A segment's KV travels as one contiguous buffer of the pool's storage dtype::
+
+    [ 2 (K, V) | layers | segment_size tokens | kv_heads | head_dim ]
+
+gathered from / scattered into the per-layer buffers ``k_buffer[l]`` /
+``v_buffer[l]`` (``[slots, kv_heads, head_dim]``, NHD) of an MHA KV pool. The
+layout fingerprint (``KVLayout.fingerprint``) must match between workers of a
+pool; a buffer of the wrong size is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    dtype: str
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def bytes_per_token(self) -> int:
+        return self.layers * self.kv_heads * (self.head_dim + self.v_head_dim) * self.itemsize
+
+    @property
+    def fingerprint(self) -> str:
+        return f"mha:l{self.layers}:h{self.kv_heads}:d{self.head_dim}:v{self.v_head_dim}:{self.dtype}"
+
+
+def layout_of(kvcache: Any) -> KVLayout:
+    """The layout of an MHA KV pool; raises for pools TokenLake cannot move (MLA, HND, ...)."""
+    k = getattr(kvcache, "k_buffer", None)
+    v = getattr(kvcache, "v_buffer", None)
+    if not isinstance(k, list) or not isinstance(v, list) or not k:
+        raise ValueError(
+            f"{type(kvcache).__name__} is not an MHA KV pool with per-layer k/v buffers; "
+            "pooling KV across workers needs one"
+        )
+    if getattr(kvcache, "use_hnd", False):
+        raise ValueError("pooling KV needs the NHD KV layout (unset SGLANG_USE_HND_KVCACHE)")
+    if k[0].dim() != 3 or v[0].dim() != 3:
+        raise ValueError(f"unexpected KV buffer shape {tuple(k[0].shape)}")
+    dtype = str(k[0].dtype).replace("torch.", "")
+    return KVLayout(len(k), k[0].shape[1], k[0].shape[2], v[0].shape[2], dtype)
+
+
+def gather(kvcache: Any, slots: torch.Tensor) -> torch.Tensor:
+    """KV of ``slots`` (int64, n) as a contiguous CPU uint8 tensor (see module doc)."""
+    idx = slots.to(device=kvcache.k_buffer[0].device, dtype=torch.int64)
+    ks = torch.stack([kb.index_select(0, idx) for kb in kvcache.k_buffer])
+    vs = torch.stack([vb.index_select(0, idx) for vb in kvcache.v_buffer])
+    if ks.shape[-1] == vs.shape[-1]:
+        out = torch.stack([ks, vs])
+    else:
+        out = torch.cat([ks.flatten(), vs.flatten()])
+    return out.contiguous().cpu().view(torch.uint8).flatten()
+
+
+def scatter(kvcache: Any, slots: torch.Tensor, data: torch.Tensor, layout: KVLayout) -> None:
+    """Write the KV in ``data`` (uint8, as produced by ``gather``) into ``slots``."""
+    n = slots.numel()
+    want = n * layout.bytes_per_token()
+    if data.numel() != want:
+        raise ValueError(f"KV buffer has {data.numel()} bytes, {n} tokens need {want}")
+    dt = getattr(torch, layout.dtype)
+    dev = kvcache.k_buffer[0].device
+    typed = data.view(dt)
+    L, H, D, Dv = layout.layers, layout.kv_heads, layout.head_dim, layout.v_head_dim
+    k_part = typed[: L * n * H * D].view(L, n, H, D).to(dev)
+    v_part = typed[L * n * H * D :].view(L, n, H, Dv).to(dev)
+    idx = slots.to(device=dev, dtype=torch.int64)
+    for layer in range(L):
+        kvcache.k_buffer[layer].index_copy_(0, idx, k_part[layer])
+        kvcache.v_buffer[layer].index_copy_(0, idx, v_part[layer])

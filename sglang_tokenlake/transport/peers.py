@@ -1,0 +1,266 @@
+"""The peer agent: one background thread that talks to the other workers' brokers.
+
+::
+
+    any thread ──request(peer, kind, ...)──▶ outbox ──wake──▶ agent thread ──DEALER──▶ peer broker
+         ▲                                                      │
+         └──────────── Future resolved with the reply ◀─────────┘
+
+Each peer gets a DEALER socket; replies are matched to requests by id and
+resolve a ``concurrent.futures.Future``. A request that gets no reply within
+its timeout fails with ``TimeoutError``; a late reply is dropped. The number of
+requests in flight is bounded (``max_inflight``): beyond it ``request`` fails
+at once with ``BackPressure`` instead of queueing without limit. Every
+``heartbeat_interval`` seconds ``on_tick`` runs in the agent thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Optional
+
+import zmq
+
+from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+class BackPressure(RuntimeError):
+    """Too many requests in flight; the caller should fall back (e.g. recompute)."""
+
+
+class PeerError(RuntimeError):
+    """The peer answered with an error message."""
+
+
+class PeerAgent:
+    def __init__(
+        self,
+        *,
+        context: Optional[zmq.Context] = None,
+        curve: Optional[tuple[bytes, bytes, bytes]] = None,  # (server public, own public, own secret)
+        heartbeat_interval: float = 0.5,
+        on_tick: Optional[Callable[[], None]] = None,
+        max_inflight: int = 1024,
+        name: str = "tokenlake-peers",
+    ) -> None:
+        self.ctx = context or zmq.Context.instance()
+        self.curve = curve
+        self.heartbeat_interval = heartbeat_interval
+        self.on_tick = on_tick
+        self.max_inflight = max_inflight
+        self.name = name
+        self._ids = itertools.count(1)
+        self._outbox: deque = deque()
+        self._inproc = f"inproc://tokenlake-agent-{id(self)}"
+        self._local = threading.local()
+        self._wake_sockets: list[zmq.Socket] = []
+        self._wake_lock = threading.Lock()
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._by_socket: dict[zmq.Socket, str] = {}
+        self._pending: dict[int, tuple[Future, float, str]] = {}
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.counters = {"sent": 0, "replies": 0, "timeouts": 0, "errors": 0, "bytes_sent": 0,
+                         "bytes_received": 0, "rejected_backpressure": 0}
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self._wake_lock:
+            for s in self._wake_sockets:
+                s.close(linger=0)
+
+    # -- API (any thread) --------------------------------------------------------
+
+    def connect(self, peer: str, endpoint: str) -> None:
+        self._outbox.append(("connect", peer, endpoint))
+        self._wake()
+
+    def disconnect(self, peer: str) -> None:
+        self._outbox.append(("disconnect", peer, None))
+        self._wake()
+
+    def request(
+        self,
+        peer: str,
+        kind: str,
+        header: Optional[dict[str, Any]] = None,
+        buffers: Sequence[Buffer] = (),
+        *,
+        timeout: float = 5.0,
+    ) -> Future:
+        fut: Future = Future()
+        with self._inflight_lock:
+            if self._inflight >= self.max_inflight:
+                self.counters["rejected_backpressure"] += 1
+                fut.set_exception(BackPressure(f"{self._inflight} requests in flight"))
+                return fut
+            self._inflight += 1
+        req_id = next(self._ids)
+        frames = encode(kind, req_id, header, buffers)
+        self._outbox.append(("send", peer, (req_id, frames, fut, time.monotonic() + timeout)))
+        self._wake()
+        return fut
+
+    # -- internals ------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1)
+            sock.connect(self._inproc)
+            self._local.push = sock
+            with self._wake_lock:
+                self._wake_sockets.append(sock)
+        try:
+            sock.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a wake-up is already pending
+
+    def _finish(self, req_id: int, result: Any = None, exc: Optional[BaseException] = None) -> None:
+        entry = self._pending.pop(req_id, None)
+        if entry is None:
+            return
+        fut = entry[0]
+        with self._inflight_lock:
+            self._inflight -= 1
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    def _open(self, peer: str, endpoint: str) -> None:
+        if peer in self._sockets:
+            return
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 1000)
+        s.setsockopt(zmq.RCVHWM, 1000)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a peer that is not connected
+        if self.curve is not None:
+            server_pub, own_pub, own_sec = self.curve
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_pub, own_pub, own_sec
+        s.connect(endpoint if "://" in endpoint else f"tcp://{endpoint}")
+        self._sockets[peer] = s
+        self._by_socket[s] = peer
+        self._poller.register(s, zmq.POLLIN)
+
+    def _close(self, peer: str) -> None:
+        s = self._sockets.pop(peer, None)
+        if s is None:
+            return
+        self._by_socket.pop(s, None)
+        self._poller.unregister(s)
+        s.close(linger=0)
+        for req_id, (_, _, p) in list(self._pending.items()):
+            if p == peer:
+                self._finish(req_id, exc=ConnectionError(f"peer {peer} disconnected"))
+
+    def _run(self) -> None:
+        wake = self.ctx.socket(zmq.PULL)
+        wake.setsockopt(zmq.LINGER, 0)
+        wake.bind(self._inproc)
+        self._poller = zmq.Poller()
+        self._poller.register(wake, zmq.POLLIN)
+        self._ready.set()
+        next_tick = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + self.heartbeat_interval
+                    if self.on_tick is not None:
+                        try:
+                            self.on_tick()
+                        except Exception:
+                            logger.exception("%s: tick failed", self.name)
+                    self._expire(now)
+                timeout_ms = max(1, int(1000 * (next_tick - time.monotonic())))
+                events = dict(self._poller.poll(timeout_ms))
+                if wake in events:
+                    while True:
+                        try:
+                            wake.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                self._drain_outbox()
+                for sock in events:
+                    if sock is wake:
+                        continue
+                    self._receive(sock)
+        finally:
+            for peer in list(self._sockets):
+                self._close(peer)
+            for req_id in list(self._pending):
+                self._finish(req_id, exc=ConnectionError("peer agent stopped"))
+            wake.close(linger=0)
+
+    def _drain_outbox(self) -> None:
+        while self._outbox:
+            op, peer, arg = self._outbox.popleft()
+            if op == "connect":
+                self._open(peer, arg)
+            elif op == "disconnect":
+                self._close(peer)
+            else:
+                req_id, frames, fut, deadline = arg
+                sock = self._sockets.get(peer)
+                self._pending[req_id] = (fut, deadline, peer)
+                if sock is None:
+                    self._finish(req_id, exc=ConnectionError(f"unknown peer {peer}"))
+                    continue
+                try:
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    self.counters["sent"] += 1
+                    self.counters["bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
+                except zmq.Again:
+                    self._finish(req_id, exc=ConnectionError(f"peer {peer} is not connected"))
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.counters["bytes_received"] += sum(len(f.buffer) for f in frames)
+            try:
+                msg: Message = decode(frames)
+            except FrameError as e:
+                self.counters["errors"] += 1
+                logger.warning("%s: malformed reply from %s: %s", self.name, self._by_socket.get(sock), e)
+                continue
+            self.counters["replies"] += 1
+            if msg.kind == "error":
+                self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
+            else:
+                self._finish(msg.id, result=msg)
+
+    def _expire(self, now: float) -> None:
+        for req_id, (_, deadline, peer) in list(self._pending.items()):
+            if now > deadline:
+                self.counters["timeouts"] += 1
+                self._finish(req_id, exc=TimeoutError(f"no reply from {peer}"))
