@@ -53,8 +53,14 @@ class Client:
         timeout: float = 5.0,
     ) -> Message:
         req_id = next(self._ids)
-        self.sock.send_multipart(encode(kind, req_id, header, buffers), copy=False)
         deadline = time.monotonic() + timeout
+        # A send waits for a connected peer; a failed handshake (e.g. CURVE keys
+        # the broker refuses) means none ever comes, so bound the send as well.
+        self.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+        try:
+            self.sock.send_multipart(encode(kind, req_id, header, buffers), copy=False)
+        except zmq.Again:
+            raise TimeoutError(f"could not send {kind!r} to {self.endpoint} within {timeout}s") from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
