@@ -86,6 +86,8 @@ class Broker:
         self._thread: Optional[threading.Thread] = None
         self._start_error: Optional[BaseException] = None
         self.bound_endpoint: Optional[str] = None
+        self._ident: Optional[int] = None
+        self._router: Any = None
         self.counters = {"received": 0, "malformed": 0, "handler_errors": 0, "replies": 0}
         self._last_malformed_log = 0.0
 
@@ -113,6 +115,11 @@ class Broker:
     # -- sending from any thread -------------------------------------------------
 
     def _send_from_any_thread(self, peer: bytes, frames: list[Buffer]) -> None:
+        if threading.get_ident() == self._ident:
+            # Answered inside a handler: the broker thread owns the router socket.
+            self._router.send_multipart([peer, *frames], copy=False)
+            self.counters["replies"] += 1
+            return
         sock = getattr(self._local, "push", None)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
@@ -139,6 +146,8 @@ class Broker:
             outbox = self.ctx.socket(zmq.PULL)
             outbox.setsockopt(zmq.LINGER, 0)
             outbox.bind(self._inproc)
+            self._router = router
+            self._ident = threading.get_ident()
         except BaseException as e:  # surface bind errors to start()
             self._start_error = e
             self._ready.set()

@@ -58,7 +58,9 @@ class Client:
         # the broker refuses) means none ever comes, so bound the send as well.
         self.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
         try:
-            self.sock.send_multipart(encode(kind, req_id, header, buffers), copy=False)
+            frames = encode(kind, req_id, header, buffers)
+            # Small messages are cheaper to copy than to track for zero-copy.
+            self.sock.send_multipart(frames, copy=sum(memoryview(f).nbytes for f in frames) < 65536)
         except zmq.Again:
             raise TimeoutError(f"could not send {kind!r} to {self.endpoint} within {timeout}s") from None
         while True:

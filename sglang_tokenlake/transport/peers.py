@@ -222,23 +222,35 @@ class PeerAgent:
     def _drain_outbox(self) -> None:
         while self._outbox:
             op, peer, arg = self._outbox.popleft()
-            if op == "connect":
-                self._open(peer, arg)
-            elif op == "disconnect":
-                self._close(peer)
-            else:
-                req_id, frames, fut, deadline = arg
-                sock = self._sockets.get(peer)
+            if op == "send":
+                req_id, _, fut, deadline = arg
                 self._pending[req_id] = (fut, deadline, peer)
-                if sock is None:
-                    self._finish(req_id, exc=ConnectionError(f"unknown peer {peer}"))
-                    continue
-                try:
-                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                    self.counters["sent"] += 1
-                    self.counters["bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
-                except zmq.Again:
-                    self._finish(req_id, exc=ConnectionError(f"peer {peer} is not connected"))
+            try:
+                self._do(op, peer, arg)
+            except Exception as e:  # one bad operation must not stop the agent
+                logger.exception("%s: %s %s failed", self.name, op, peer)
+                if op == "send":
+                    self._finish(arg[0], exc=ConnectionError(f"send to {peer} failed: {e}"))
+
+    def _do(self, op: str, peer: str, arg: Any) -> None:
+        if op == "connect":
+            self._open(peer, arg)
+            return
+        if op == "disconnect":
+            self._close(peer)
+            return
+        req_id, frames = arg[0], arg[1]
+        sock = self._sockets.get(peer)
+        if sock is None:
+            self._finish(req_id, exc=ConnectionError(f"unknown peer {peer}"))
+            return
+        try:
+            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._finish(req_id, exc=ConnectionError(f"peer {peer} is not connected"))
+            return
+        self.counters["sent"] += 1
+        self.counters["bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
 
     def _receive(self, sock: zmq.Socket) -> None:
         for _ in range(256):
