@@ -1,0 +1,182 @@
+"""Wire format, broker, client and peer agent (in-process, loopback)."""
+
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from sglang_tokenlake.transport.broker import Broker
+from sglang_tokenlake.transport.client import Client, RemoteError
+from sglang_tokenlake.transport.frames import FrameError, decode, encode
+from sglang_tokenlake.transport.peers import BackPressure, PeerAgent, PeerError
+
+# -- frames -------------------------------------------------------------------------------
+
+
+def test_roundtrip_with_buffers():
+    bufs = [b"abc", bytearray(b"\x00" * 10), memoryview(b"xyz")]
+    msg = decode(encode("put", 42, {"keys": [1, 2 ** 63 + 5], "tokens": [b"\x01"]}, bufs))
+    assert (msg.kind, msg.id) == ("put", 42)
+    assert msg.header == {"keys": [1, 2 ** 63 + 5], "tokens": [b"\x01"]}
+    assert [bytes(b) for b in msg.buffers] == [b"abc", b"\x00" * 10, b"xyz"]
+
+
+def _hdr(**kw):
+    h = {"v": 1, "t": "get", "id": 1, "b": []}
+    h.update(kw)
+    return msgpack.packb(h)
+
+
+@pytest.mark.parametrize("frames, why", [
+    ([], "empty"),
+    ([b"\xc1\xc1"], "not valid msgpack"),
+    ([msgpack.packb([1, 2])], "not a map"),
+    ([_hdr(v=2)], "version"),
+    ([_hdr(t=5)], "no message kind"),
+    ([_hdr(id=True)], "integer request id"),
+    ([_hdr(id="1")], "integer request id"),
+    ([_hdr(b=[1])], "announces 1 buffers"),
+    ([_hdr(b=[3]), b"ab"], "buffer 0 has 2 bytes"),
+    ([_hdr(b=[-1]), b""], "buffer size list"),
+    ([_hdr(b="x")], "buffer size list"),
+    ([_hdr(t="nope")], "unknown message kind"),
+    ([encode("get", 1)[0][:5]], "not valid msgpack"),
+])
+def test_malformed_frames_raise(frames, why):
+    with pytest.raises(FrameError, match=why):
+        decode(frames, frozenset({"get"}))
+
+
+def test_reserved_header_keys_refused():
+    with pytest.raises(ValueError):
+        encode("get", 1, {"b": [1]})
+
+
+# -- broker + client ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker():
+    release = threading.Event()
+
+    def later(req):
+        threading.Thread(target=lambda: req.reply("late", {"n": req.msg.header["n"] + 1})).start()
+
+    def boom(req):
+        raise RuntimeError("handler bug")
+
+    def never(req):
+        release.wait(0)  # never answers
+
+    b = Broker("tcp://127.0.0.1:0", {
+        "ping": lambda r: r.reply("pong"),
+        "echo": lambda r: r.reply("echo", r.msg.header, [bytes(x) for x in r.msg.buffers]),
+        "later": later, "boom": boom, "never": never,
+        "fail": lambda r: r.error("nope", code=7),
+    })
+    ep = b.start()
+    yield b, ep
+    b.close()
+
+
+def test_request_reply_and_buffers(broker):
+    b, ep = broker
+    with Client(ep) as c:
+        assert c.request("ping").kind == "pong"
+        m = c.request("echo", {"x": 1}, [b"12345"])
+        assert m.header == {"x": 1} and bytes(m.buffers[0]) == b"12345"
+        assert c.request("later", {"n": 1}).header == {"n": 2}  # answered from another thread
+        with pytest.raises(RemoteError, match="nope"):
+            c.request("fail")
+
+
+def test_handler_errors_and_timeouts_leave_the_broker_serving(broker):
+    b, ep = broker
+    with Client(ep) as c:
+        with pytest.raises(TimeoutError):
+            c.request("boom", timeout=0.5)
+        with pytest.raises(TimeoutError):
+            c.request("never", timeout=0.5)
+        assert c.request("ping").kind == "pong"  # the late/missing replies did not confuse it
+    assert b.counters["handler_errors"] == 1
+
+
+def test_malformed_messages_are_counted_and_dropped(broker):
+
+
+    b, ep = broker
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(ep)
+    for i in range(300):
+        s.send_multipart([bytes([i % 256]) * (i % 7)] if i % 3 else [_hdr(t="unknown")])
+    with Client(ep) as c:
+        assert c.request("ping").kind == "pong"
+    deadline = time.monotonic() + 5
+    while b.counters["malformed"] < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.counters["malformed"] == 300
+    s.close()
+
+
+def test_bind_error_is_reported():
+    b1 = Broker("tcp://127.0.0.1:0", {})
+    ep = b1.start()
+    with pytest.raises(zmq.ZMQError, match="Address already in use"):
+        Broker(ep, {}).start()
+    b1.close()
+
+
+# -- peer agent -------------------------------------------------------------------------------
+
+
+def _wait_connected(agent, peer):
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return agent.request(peer, "ping", timeout=2).result(5)
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_agent_requests_timeouts_and_backpressure(broker):
+    b, ep = broker
+    ticks = []
+    agent = PeerAgent(heartbeat_interval=0.05, on_tick=lambda: ticks.append(1), max_inflight=3)
+    agent.start()
+    try:
+        agent.connect("srv", ep)
+        assert _wait_connected(agent, "srv").kind == "pong"
+        fut = agent.request("srv", "echo", {"k": [1, 2]}, [b"kv"])
+        assert bytes(fut.result(5).buffers[0]) == b"kv"
+        with pytest.raises(PeerError, match="nope"):
+            agent.request("srv", "fail").result(5)
+        slow = [agent.request("srv", "never", timeout=0.3) for _ in range(3)]
+        with pytest.raises(BackPressure):
+            agent.request("srv", "ping").result(1)
+        for f in slow:
+            with pytest.raises(TimeoutError):
+                f.result(5)
+        assert agent.request("srv", "ping").result(5).kind == "pong"  # capacity came back
+        with pytest.raises(ConnectionError, match="unknown peer"):
+            agent.request("nobody", "ping").result(5)
+        agent.connect("bad", 12345)  # a broken address must not stop the agent
+        assert agent.request("srv", "ping").result(5).kind == "pong"
+        assert len(ticks) > 3
+    finally:
+        agent.close()
+
+
+def test_agent_against_a_dead_peer_fails_fast():
+    agent = PeerAgent(heartbeat_interval=0.05)
+    agent.start()
+    try:
+        agent.connect("dead", "127.0.0.1:1")
+        with pytest.raises(ConnectionError):
+            agent.request("dead", "ping", timeout=0.5).result(5)
+    finally:
+        agent.close()
