@@ -1,0 +1,242 @@
+"""Per-request dispatch: which replica serves each cached segment, and how.
+
+A request runs on one worker, the *executor*. Each segment of its cached prefix
+is served in one of four modes::
+
+    LOCAL       the executor holds the segment: no bytes move
+    SHIP_QUERY  the executor sends its queries to the owner, which returns partial
+                attention output + LSE; bytes per owner touched, per layer:
+                (2 * q_heads * head_dim * dtype + 4 * q_heads) * (new + output tokens)
+                (every prefill token and every decode step, both ways)
+    PULL_KV     the owner sends the segment's K and V once; bytes per layer:
+                2 * kv_heads * head_dim * dtype * segment_tokens
+    RECOMPUTE   nobody holds it (or moving it costs more time than computing it):
+                the executor prefills those tokens again
+
+``plan`` works in three steps:
+
+1. LOCAL for segments the executor holds; RECOMPUTE for segments nobody holds.
+2. Every other segment is assigned one of its replicas so that the largest
+   owner load (``loads`` plus one ``unit`` of serving work per segment) is as
+   small as possible: a bipartite *semi-matching* of segments to replicas.
+   Greedy least-loaded placement (most constrained segments first) is improved
+   along alternating paths: a segment moves from worker ``u`` to another of its
+   replicas, displacing one there, and so on, until a worker ``y`` is reached
+   with ``load(y) + unit < load(u)``. At the end no such path exists from any
+   worker. Bound: let ``u`` carry the maximum ``M`` and ``S`` be the workers
+   reachable from ``u``; every segment assigned inside ``S`` has all its replicas
+   in ``S`` and every ``y`` in ``S`` has ``load(y) > M - unit``. Any assignment must
+   put those segments inside ``S``, so ``OPT >= mean load over S > M - unit``:
+   the result is within one segment's serving work of the optimal makespan, and
+   exactly optimal when the initial loads are equal (Harvey, Ladner, Lovász &
+   Tamir, "Semi-matchings for bipartite graphs and load balancing", 2003: no
+   cost-reducing path is the optimality condition).
+3. Per owner, the mode that moves fewer bytes: one query stream for all its
+   segments versus their KV (ties pull: pulled KV is reused by every later step);
+   RECOMPUTE instead when even the cheaper transfer takes longer than prefilling
+   the tokens at ``Costs.recompute_s_per_token``.
+
+Plain Python: no torch, sglang or zmq.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Mode(enum.Enum):
+    LOCAL = "local"
+    SHIP_QUERY = "ship_query"
+    PULL_KV = "pull_kv"
+    RECOMPUTE = "recompute"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Attention shape of the served model (defaults: a Llama-3-8B-like GQA model, bf16)."""
+
+    layers: int = 32
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype_bytes: int = 2
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of K and V for ``tokens`` tokens over all layers (what PULL_KV moves)."""
+        return 2 * self.kv_heads * self.head_dim * self.dtype_bytes * tokens * self.layers
+
+    def query_bytes(self, tokens: int) -> int:
+        """Bytes SHIP_QUERY moves per owner for ``tokens`` query tokens over all layers.
+
+        Queries out and partial outputs back (``q_heads * head_dim`` each, model dtype)
+        plus one fp32 LSE per head back.
+        """
+        per_token = 2 * self.q_heads * self.head_dim * self.dtype_bytes + 4 * self.q_heads
+        return per_token * tokens * self.layers
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What moving and computing cost (defaults: 25 GB/s links, an A100 prefilling an 8B model)."""
+
+    bandwidth_Bps: float = 25e9
+    """Bytes per second one transfer between two workers gets."""
+    recompute_s_per_token: float = 1.03e-4
+    """Seconds of executor compute to prefill one token again."""
+    attn_s_per_token_pair: float = 3.4e-9
+    """Seconds of owner compute per (query token x cached token) of partial attention."""
+
+    def pull_s(self, shape: ModelShape, tokens: int) -> float:
+        return shape.kv_bytes(tokens) / self.bandwidth_Bps
+
+
+class Assignment(NamedTuple):
+    key: int
+    worker: str
+    """The worker that serves the segment (the executor for LOCAL and RECOMPUTE)."""
+    mode: Mode
+
+
+def balance(
+    segments: Sequence[int],
+    replicas: Mapping[int, Collection[str]],
+    loads: Mapping[str, float],
+    unit: float,
+) -> dict[int, str]:
+    """Assign each segment to one of its replicas, minimizing the largest load.
+
+    Args:
+        segments: keys to assign (each must have at least one replica).
+        replicas: key -> workers holding it.
+        loads: current load per worker (any unit; missing workers count as 0).
+        unit: load one assigned segment adds to its worker (same unit as ``loads``).
+
+    Returns:
+        key -> worker, with the max of ``loads[w] + unit * (#segments on w)`` within
+        ``unit`` of optimal (see the module docstring).
+    """
+    load: dict[str, float] = defaultdict(float)
+    for w, x in loads.items():
+        load[w] = float(x)
+    on: dict[str, list[int]] = defaultdict(list)
+    where: dict[int, str] = {}
+    # Most constrained first; sorted replica ids make ties deterministic.
+    choices = {k: sorted(replicas[k]) for k in segments}
+    for k in sorted(segments, key=lambda k: len(choices[k])):
+        if not choices[k]:
+            raise ValueError(f"segment {k:#x} has no replica")
+        w = min(choices[k], key=lambda w: (load[w], w))
+        where[k] = w
+        on[w].append(k)
+        load[w] += unit
+    if unit <= 0:
+        return where
+    # Improve along alternating paths; each move lowers sum(load^2), so this ends.
+    for _ in range(4 * len(segments) + 4):
+        if not _improve_once(choices, load, on, where, unit):
+            break
+    return where
+
+
+def _improve_once(choices, load, on, where, unit) -> bool:
+    for u in sorted((w for w in on if on[w]), key=lambda w: (-load[w], w)):
+        parent: dict[str, tuple[str, int]] = {}
+        frontier, seen = [u], {u}
+        while frontier:
+            nxt = []
+            for x in frontier:
+                for k in on[x]:
+                    for y in choices[k]:
+                        if y in seen:
+                            continue
+                        seen.add(y)
+                        parent[y] = (x, k)
+                        if load[y] + unit < load[u] - 1e-12 * max(1.0, abs(load[u])):
+                            _shift(parent, y, u, on, where)
+                            load[u] -= unit
+                            load[y] += unit
+                            return True
+                        nxt.append(y)
+            frontier = nxt
+    return False
+
+
+def _shift(parent, y, u, on, where) -> None:
+    while y != u:
+        x, k = parent[y]
+        on[x].remove(k)
+        on[y].append(k)
+        where[k] = y
+        y = x
+
+
+def plan(
+    request_segments: Sequence[int],
+    locations: Mapping[int, Collection[str]],
+    loads: Mapping[str, float],
+    *,
+    executor: str,
+    new_tokens: int,
+    expected_output_tokens: int,
+    segment_tokens: int,
+    shape: ModelShape = ModelShape(),
+    costs: Costs = Costs(),
+) -> list[Assignment]:
+    """Serve every segment of a request's cached prefix: one ``Assignment`` per key, in order.
+
+    Args:
+        request_segments: the request's segment keys (prefix order).
+        locations: key -> workers holding a copy (missing or empty: nobody).
+        loads: owner load in seconds of queued work (balancing weight).
+        executor: the worker that runs the request.
+        new_tokens: tokens the request prefills (its uncached suffix).
+        expected_output_tokens: decode steps expected (each ships queries again).
+        segment_tokens: tokens per segment.
+
+    The serving worker of every non-RECOMPUTE assignment holds the segment
+    (``worker in locations[key]``).
+    """
+    query_tokens = max(new_tokens, 1) + max(expected_output_tokens, 0)
+    ship_b = shape.query_bytes(query_tokens)
+    seg_pull_b = shape.kv_bytes(segment_tokens)
+    # One segment's work for its owner, in the mode a lone segment would take.
+    if ship_b < seg_pull_b:
+        unit = costs.attn_s_per_token_pair * query_tokens * segment_tokens
+    else:
+        unit = seg_pull_b / costs.bandwidth_Bps
+
+    remote: list[int] = []
+    for k in request_segments:
+        holders = locations.get(k) or ()
+        if holders and executor not in holders:
+            remote.append(k)
+    where = balance(remote, {k: locations[k] for k in remote}, loads, unit) if remote else {}
+
+    per_owner: dict[str, int] = defaultdict(int)
+    for w in where.values():
+        per_owner[w] += 1
+    mode_of: dict[str, Mode] = {}
+    for w, n in per_owner.items():
+        pull_b = n * seg_pull_b
+        best = Mode.SHIP_QUERY if ship_b < pull_b else Mode.PULL_KV
+        move_s = min(ship_b, pull_b) / costs.bandwidth_Bps
+        if move_s > n * segment_tokens * costs.recompute_s_per_token:
+            best = Mode.RECOMPUTE
+        mode_of[w] = best
+
+    out: list[Assignment] = []
+    for k in request_segments:
+        holders = locations.get(k) or ()
+        if executor in holders:
+            out.append(Assignment(k, executor, Mode.LOCAL))
+        elif not holders:
+            out.append(Assignment(k, executor, Mode.RECOMPUTE))
+        else:
+            w = where[k]
+            m = mode_of[w]
+            out.append(Assignment(k, executor if m is Mode.RECOMPUTE else w, m))
+    return out

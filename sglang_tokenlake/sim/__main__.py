@@ -1,0 +1,147 @@
+"""``python -m sglang_tokenlake.sim``: compare cache policies on a workload.
+
+Example (the headline run; see docs/simulator.md)::
+
+    python -m sglang_tokenlake.sim --workload mooncake-conversation \\
+        --instances 4 8 16 64 --capacity 0.1 0.2 0.3 0.4 --target-util 0.7 \\
+        --jobs 2 --out results/sim --tag conversation_u07
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from sglang_tokenlake.routing import CacheAwareConfig
+from sglang_tokenlake.sim import report
+from sglang_tokenlake.sim.compute import ComputeModel
+from sglang_tokenlake.sim.engine import SimConfig, simulate, time_stretch
+from sglang_tokenlake.sim.policies import POLICIES
+from sglang_tokenlake.sim.workloads import Workload, load
+
+_WORKLOAD: Optional[Workload] = None  # set before forking workers
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sglang_tokenlake.sim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="mooncake-conversation",
+                   help="mooncake-conversation, mooncake-synthetic, loogle, scbench, sharegpt, "
+                        "gsp, or a path to a Mooncake-format JSONL")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated workloads")
+    p.add_argument("--instances", type=int, nargs="+", default=[4, 8, 16, 64])
+    p.add_argument("--capacity", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4],
+                   help="total cache capacity as fractions of the workload's unique full blocks")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    load_g = p.add_mutually_exclusive_group()
+    load_g.add_argument("--target-util", type=float, default=0.7,
+                        help="scale arrivals so the uncached GPU work is this fraction of the "
+                             "cluster's GPU time (per instance count)")
+    load_g.add_argument("--rate-scale", type=float, default=None,
+                        help="multiply the arrival rate by this instead (timestamps / X)")
+    p.add_argument("--bandwidth-gbps", type=float, default=25.0,
+                   help="GB/s of one transfer between two instances")
+    p.add_argument("--placement-choices", type=int, default=2)
+    p.add_argument("--no-pool-leaf-first", action="store_true")
+    p.add_argument("--replica-budget", type=float, default=0.05)
+    p.add_argument("--cache-threshold", type=float, default=CacheAwareConfig.cache_threshold)
+    p.add_argument("--balance-abs-threshold", type=int,
+                   default=CacheAwareConfig.balance_abs_threshold)
+    p.add_argument("--balance-rel-threshold", type=float,
+                   default=CacheAwareConfig.balance_rel_threshold)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--out", type=Path, default=Path("results/sim"))
+    p.add_argument("--tag", default=None, help="output file stem (default: the workload name)")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def _run(task: tuple[str, SimConfig, float]) -> dict[str, Any]:
+    policy, cfg, frac = task
+    assert _WORKLOAD is not None
+    res = simulate(_WORKLOAD, policy, cfg)
+    return {"capacity_frac": frac, **res.summary()}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    global _WORKLOAD
+    args = _parser().parse_args(argv)
+    t0 = time.perf_counter()
+    wl = load(args.workload, args.limit, args.seed)
+    _WORKLOAD = wl
+    info = wl.summary()
+    print(f"workload {info}", file=sys.stderr)
+    compute = ComputeModel()
+    router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
+                              args.balance_rel_threshold)
+    tasks = []
+    stretches = {}
+    for n in args.instances:
+        if args.rate_scale is not None:
+            stretches[n] = 1.0 / args.rate_scale
+        else:
+            stretches[n] = time_stretch(wl, n, compute, args.target_util)
+    for n, frac, pol in itertools.product(args.instances, args.capacity, args.policies):
+        cfg = SimConfig(
+            instances=n,
+            capacity_blocks=max(1, int(frac * info["unique_full_blocks"] / n)),
+            segment_tokens=wl.segment_tokens, time_stretch=stretches[n], compute=compute,
+            bandwidth_Bps=args.bandwidth_gbps * 1e9, router=router,
+            replica_budget=args.replica_budget, placement_choices=args.placement_choices,
+            pool_leaf_first=not args.no_pool_leaf_first,
+        )
+        tasks.append((pol, cfg, frac))
+    # Same instance count back to back: a worker process reuses its memoized homes.
+    runs = _execute(tasks, args.jobs)
+    runs.sort(key=lambda r: (r["instances"], r["capacity_frac"],
+                             report.ORDER.index(r["policy"])))
+    doc = {
+        "command": "python -m sglang_tokenlake.sim " + " ".join(argv or sys.argv[1:]),
+        "workload": info,
+        "load": (f"rate x{args.rate_scale}" if args.rate_scale is not None
+                 else f"uncached GPU work = {args.target_util:.0%} of cluster GPU time"),
+        "rate_scale": {str(n): round(1 / s, 4) for n, s in stretches.items()},
+        "compute": dataclasses.asdict(compute),
+        "config": {k: (v if not dataclasses.is_dataclass(v) else dataclasses.asdict(v))
+                   for k, v in dataclasses.asdict(tasks[0][1]).items()
+                   if k not in ("instances", "capacity_blocks", "time_stretch")},
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_count": os.cpu_count(),
+        "jobs": args.jobs,
+        "runs": runs,
+    }
+    paths = report.write(doc, args.out, args.tag or wl.name, plots=not args.no_plots)
+    print(report.markdown(doc))
+    print(f"wall {doc['wall_s']} s; wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def _execute(tasks: list, jobs: int) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="runs", unit="run", file=sys.stderr)
+    out = []
+    if jobs <= 1:
+        for t in tasks:
+            out.append(_run(t))
+            bar.update()
+    else:
+        with mp.get_context("fork").Pool(jobs) as pool:
+            for r in pool.imap_unordered(_run, tasks):
+                out.append(r)
+                bar.set_postfix_str(f"N={r['instances']} {r['policy']} {r['wall_s']}s")
+                bar.update()
+    bar.close()
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

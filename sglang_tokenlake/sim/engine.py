@@ -1,0 +1,190 @@
+"""The simulation loop: requests in arrival order through one policy on one cluster."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+from sglang_tokenlake.dispatch import Costs, ModelShape
+from sglang_tokenlake.routing import CacheAwareConfig
+from sglang_tokenlake.sim.cluster import Cluster
+from sglang_tokenlake.sim.compute import ComputeModel
+from sglang_tokenlake.sim.workloads import Request, Workload
+
+
+class Outcome(NamedTuple):
+    """What a policy decided for one request."""
+
+    worker: int
+    """Index of the executing instance."""
+    hit_tokens: int
+    """Prompt tokens served from cache (any mode but recompute)."""
+    shipped: dict[int, int]
+    """Owner index -> cached tokens whose attention that owner computes (SHIP_QUERY)."""
+    bytes: dict[str, int]
+    """Bytes moved for this request, by kind (``pull_kv``, ``ship_query``, ``put``...)."""
+    transfer_s: float
+    """Seconds until pulled KV has arrived at the executor."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated cluster."""
+
+    instances: int
+    capacity_blocks: int
+    """Cache capacity of each instance, in segments."""
+    segment_tokens: int
+    time_stretch: float = 1.0
+    """Arrival times are multiplied by this (``1 / rate_scale``)."""
+    compute: ComputeModel = ComputeModel()
+    shape: ModelShape = ModelShape()
+    bandwidth_Bps: float = 25e9
+    router: CacheAwareConfig = CacheAwareConfig()
+    chars_per_token: float = 4.0
+    """Router tree sizes are characters; a token counts this many."""
+    replica_budget: float = 0.05
+    """TokenLake: fraction of the pool's capacity hot-segment replicas may use."""
+    hh_window: int = 16384
+    """TokenLake: segment accesses the heavy-hitter window covers."""
+    hh_k: int = 256
+    replan_every: int = 64
+    """TokenLake: requests between replica plans."""
+    placement_choices: int = 2
+    """TokenLake: a new segment goes to whichever of its top-``placement_choices``
+    rendezvous homes holds the oldest data (1: always the first home)."""
+    pool_leaf_first: bool = True
+    """TokenLake: a worker keeps the last copy of a segment whose children are cached
+    elsewhere and evicts its next oldest segment instead (pool-wide leaf-first)."""
+
+    @property
+    def costs(self) -> Costs:
+        c = self.compute
+        return Costs(self.bandwidth_Bps, c.prefill_s_per_token, c.attn_s_per_token_pair)
+
+
+@dataclass
+class RunResult:
+    policy: str
+    instances: int
+    capacity_blocks: int
+    requests: int = 0
+    input_tokens: int = 0
+    hit_tokens: int = 0
+    bytes: dict[str, int] = field(default_factory=dict)
+    busy_s: list[float] = field(default_factory=list)
+    remote_s: list[float] = field(default_factory=list)
+    served: list[int] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    wait: list[float] = field(default_factory=list)
+    makespan_s: float = 0.0
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
+
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation of per-instance GPU seconds (population std / mean)."""
+        xs = self.busy_s
+        m = sum(xs) / len(xs) if xs else 0.0
+        if m <= 0:
+            return 0.0
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) / m
+
+    def summary(self) -> dict[str, Any]:
+        def pct(xs: list[float], q: float) -> float:
+            if not xs:
+                return 0.0
+            s = sorted(xs)
+            return s[min(len(s) - 1, int(q * len(s)))]
+
+        return {
+            "policy": self.policy,
+            "instances": self.instances,
+            "capacity_blocks_per_instance": self.capacity_blocks,
+            "requests": self.requests,
+            "token_hit_rate": round(self.hit_rate, 5),
+            "load_cv": round(self.load_cv, 5),
+            "busy_s_per_instance": [round(x, 2) for x in self.busy_s],
+            "remote_s_per_instance": [round(x, 2) for x in self.remote_s],
+            "requests_per_instance": self.served,
+            "ttft_p50_s": round(pct(self.ttft, 0.5), 4),
+            "ttft_p90_s": round(pct(self.ttft, 0.9), 4),
+            "ttft_p99_s": round(pct(self.ttft, 0.99), 4),
+            "queue_wait_mean_s": round(sum(self.wait) / max(len(self.wait), 1), 4),
+            "bytes": dict(sorted(self.bytes.items())),
+            "makespan_s": round(self.makespan_s, 2),
+            "wall_s": round(self.wall_s, 2),
+            **self.extra,
+        }
+
+
+def time_stretch(workload: Workload, instances: int, compute: ComputeModel,
+                 target_util: float, nominal_batch: int = 16) -> float:
+    """Arrival-time multiplier that makes the uncached GPU work ``target_util`` of the cluster's.
+
+    Work per request without any cache: prefill of the whole prompt plus its decode
+    share at ``nominal_batch``. ``rate_scale = 1 / stretch``.
+    """
+    work = sum(compute.prefill_s(r.input_tokens, 0)
+               + compute.decode_work_s(r.output_tokens, r.input_tokens, nominal_batch)
+               for r in workload.requests)
+    span = max(workload.duration_s(), 1e-9)
+    return work / (target_util * instances * span)
+
+
+def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
+             progress: Optional[Callable[[int], None]] = None) -> RunResult:
+    """Run ``workload`` through policy ``policy_name`` (see ``policies.POLICIES``)."""
+    from sglang_tokenlake.sim.policies import make_policy
+
+    t0 = time.perf_counter()
+    cluster = Cluster(cfg.instances, cfg.compute)
+    policy = make_policy(policy_name, cfg, cluster)
+    res = RunResult(policy_name, cfg.instances, cfg.capacity_blocks)
+    bytes_ = res.bytes
+    first = workload.requests[0].arrival_s if workload.requests else 0.0
+    for n, req in enumerate(workload.requests):
+        now = (req.arrival_s - first) * cfg.time_stretch
+        out = policy.serve(req, now)
+        _account(cluster, cfg, req, now, out, res)
+        for kind, b in out.bytes.items():
+            bytes_[kind] = bytes_.get(kind, 0) + b
+        if progress is not None and n % 512 == 511:
+            progress(512)
+    if progress is not None:
+        progress(len(workload.requests) % 512)
+    res.busy_s = [x.busy_s for x in cluster.instances]
+    res.remote_s = [x.remote_s for x in cluster.instances]
+    res.served = [x.served for x in cluster.instances]
+    res.makespan_s = max((x.free_at for x in cluster.instances), default=0.0)
+    res.extra.update(policy.stats())
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def _account(cluster: Cluster, cfg: SimConfig, req: Request, now: float, out: Outcome,
+             res: RunResult) -> None:
+    shipped = sum(out.shipped.values())
+    wait, ttft = cluster.run(
+        out.worker, now,
+        new_tokens=req.input_tokens - out.hit_tokens,
+        local_ctx=out.hit_tokens - shipped,
+        decode_ctx=req.input_tokens - shipped,
+        output_tokens=req.output_tokens,
+        transfer_s=out.transfer_s,
+    )
+    new = req.input_tokens - out.hit_tokens
+    for owner, tokens in out.shipped.items():
+        cluster.charge(owner, now, cfg.compute.remote_attn_s(new, req.output_tokens, tokens))
+    res.requests += 1
+    res.input_tokens += req.input_tokens
+    res.hit_tokens += out.hit_tokens
+    res.ttft.append(ttft)
+    res.wait.append(wait)

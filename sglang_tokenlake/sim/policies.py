@@ -1,0 +1,144 @@
+"""The baselines the simulator compares TokenLake with, and the policy registry.
+
+``stock``        per-instance radix LRU; round-robin routing (sglang-router ``round_robin``).
+``cache_aware``  per-instance radix LRU; sglang-router's ``cache_aware`` rule with its own
+                 approximate tree (``routing.CacheAwareRouter``), load = in-flight requests.
+``mooncake``     a shared external KV store in the Mooncake style: one deduplicated LRU with
+                 the cluster's total capacity outside the GPUs; a request goes to the least
+                 loaded instance and pulls its whole cached prefix from the store, then puts
+                 its new full blocks back.
+``tokenlake``    the pool: placement + heavy hitters + dispatch (``sim/tokenlake.py``).
+``limit``        one deduplicated LRU with the total capacity, free to use from anywhere,
+                 least-loaded routing: the hit rate a pool could reach at best.
+
+All caches are block-level radix LRUs (``PrefixLRU``); a request hits the longest
+prefix of its full blocks that its cache holds, then touches/inserts all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sglang_tokenlake.routing import CacheAwareRouter
+from sglang_tokenlake.sim.cache import PrefixLRU
+from sglang_tokenlake.sim.cluster import Cluster
+from sglang_tokenlake.sim.engine import Outcome, SimConfig
+from sglang_tokenlake.sim.workloads import Request
+
+
+class Policy:
+    """One way of running a cluster: picks the executor and serves the cached prefix."""
+
+    name = "policy"
+
+    def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
+        self.cfg = cfg
+        self.cluster = cluster
+        self.seg = cfg.segment_tokens
+        self._rr = 0
+
+    def full(self, req: Request) -> Sequence[int]:
+        return req.keys[: min(req.input_tokens // self.seg, len(req.keys))]
+
+    def least_loaded(self, now: float, extra: Sequence[float] | None = None) -> int:
+        """Instance with the least queued GPU work (+ ``extra``); ties rotate."""
+        xs = self.cluster.instances
+        n = len(xs)
+        best, best_key = 0, None
+        for j in range(n):
+            i = (self._rr + j) % n
+            key = xs[i].backlog(now) + (extra[i] if extra is not None else 0.0)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        self._rr += 1
+        return best
+
+    def serve(self, req: Request, now: float) -> Outcome:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+
+class Stock(Policy):
+    name = "stock"
+
+    def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
+        super().__init__(cfg, cluster)
+        self.caches = [PrefixLRU(cfg.capacity_blocks) for _ in range(cfg.instances)]
+
+    def route(self, req: Request, now: float) -> int:
+        i = self._rr % len(self.caches)
+        self._rr += 1
+        return i
+
+    def serve(self, req: Request, now: float) -> Outcome:
+        i = self.route(req, now)
+        full = self.full(req)
+        cache = self.caches[i]
+        hit = cache.match(full)
+        cache.use(full)
+        return Outcome(i, hit * self.seg, {}, {}, 0.0)
+
+
+class CacheAware(Stock):
+    name = "cache_aware"
+
+    def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
+        super().__init__(cfg, cluster)
+        self.router = CacheAwareRouter(cluster.ids, cfg.router)
+        self.index = {w: i for i, w in enumerate(cluster.ids)}
+
+    def route(self, req: Request, now: float) -> int:
+        seg, cpt = self.seg, self.cfg.chars_per_token
+        n = len(req.keys)
+        tail = req.input_tokens - seg * (n - 1)
+        lengths = [round(seg * cpt)] * (n - 1) + [round(tail * cpt)] if n else []
+        loads = dict(zip(self.cluster.ids, self.cluster.inflights(now)))
+        return self.index[self.router.select(req.keys, loads, lengths, now).worker]
+
+    def stats(self) -> dict:
+        d = self.router.decisions
+        total = max(sum(d.values()), 1)
+        return {"router_decisions": {k: round(v / total, 4) for k, v in d.items()}}
+
+
+class Limit(Policy):
+    name = "limit"
+
+    def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
+        super().__init__(cfg, cluster)
+        self.cache = PrefixLRU(cfg.capacity_blocks * cfg.instances)
+
+    def serve(self, req: Request, now: float) -> Outcome:
+        full = self.full(req)
+        hit = self.cache.match(full)
+        self.cache.use(full)
+        return Outcome(self.least_loaded(now), hit * self.seg, {}, {}, 0.0)
+
+
+class Mooncake(Limit):
+    name = "mooncake"
+
+    def serve(self, req: Request, now: float) -> Outcome:
+        full = self.full(req)
+        hit = self.cache.match(full)
+        self.cache.use(full)
+        shape = self.cfg.shape
+        pull = shape.kv_bytes(hit * self.seg)
+        put = shape.kv_bytes((len(full) - hit) * self.seg)
+        moved = {"pull_kv": pull, "put": put}
+        return Outcome(self.least_loaded(now), hit * self.seg, {}, moved,
+                       pull / self.cfg.bandwidth_Bps)
+
+
+def make_policy(name: str, cfg: SimConfig, cluster: Cluster) -> Policy:
+    if name == "tokenlake":
+        from sglang_tokenlake.sim.tokenlake import TokenLake
+
+        return TokenLake(cfg, cluster)
+    return {"stock": Stock, "cache_aware": CacheAware, "mooncake": Mooncake,
+            "limit": Limit}[name](cfg, cluster)
+
+
+POLICIES = ("stock", "cache_aware", "mooncake", "tokenlake", "limit")
