@@ -77,6 +77,19 @@ class TokenLakeConfig:
         "as first-to-evict extras. Off: drop them as soon as no request uses them, so the "
         "pool holds exactly one copy of each unreplicated segment.",
     )
+    remote_mode: str = _f(
+        "auto",
+        "How a request uses prefix segments held by other workers: 'ship' sends its "
+        "queries to the owners and merges their partial attention (no local memory for "
+        "those segments), 'pull' copies their KV here, 'auto' picks per owner whichever "
+        "moves fewer bytes (recomputing when neither pays off).",
+        choices=("auto", "ship", "pull"),
+    )
+    query_timeout: float = _f(
+        5.0,
+        "Seconds a forward pass waits for an owner's partial attention; an owner that "
+        "does not answer makes the request start over, recomputing or pulling instead.",
+    )
     curve_dir: Optional[str] = _f(
         None,
         "Directory with the pool's CURVE keys (made by `tokenlake keygen DIR`): brokers "
@@ -102,7 +115,11 @@ class TokenLakeConfig:
             )
         if not (0 <= self.port < 65536):
             raise ValueError(f"--{FLAG_PREFIX}-port must be in [0, 65535], got {self.port}")
-        for name in ("heartbeat_interval", "peer_timeout", "pull_timeout"):
+        if self.remote_mode not in ("auto", "ship", "pull"):
+            raise ValueError(
+                f"--{FLAG_PREFIX}-remote-mode must be auto, ship or pull, got {self.remote_mode!r}"
+            )
+        for name in ("heartbeat_interval", "peer_timeout", "pull_timeout", "query_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"--{FLAG_PREFIX}-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
@@ -144,7 +161,8 @@ class TokenLakeConfig:
                 )
                 continue
             base = _unwrap_optional(typ)
-            group.add_argument(flag, dest=dest, type=base, default=f.default, help=help_text)
+            group.add_argument(flag, dest=dest, type=base, default=f.default, help=help_text,
+                               choices=f.metadata.get("choices"))
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> TokenLakeConfig:

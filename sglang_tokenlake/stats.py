@@ -21,6 +21,7 @@ class CacheStats:
     duplicate_segments: int = 0
     evicted_segments: int = 0
     pulled_tokens: int = 0
+    shipped_tokens: int = 0
     pull_fallbacks: int = 0
 
     @property

@@ -206,7 +206,8 @@ class SegmentTree:
         Args:
             keys: the chained keys of the segments, from segment 0.
             raw_tokens: int64 bytes of the segments' tokens (``len(keys) * segment_size``).
-            values: one value (slots) per segment.
+            values: one value (slots) per segment; ``None`` leaves that segment
+                as it is (e.g. it lives on another worker for this request).
             designated: per segment, whether an adopted copy is designated
                 (default: all designated, as in a pool of one).
         """
@@ -227,7 +228,7 @@ class SegmentTree:
                 # A 64-bit key collision: keep the existing segment, take nothing
                 # further along this path (nothing below it can be ours).
                 break
-            if child.value is None:
+            if child.value is None and values[i] is not None:
                 child.value = values[i]
                 child.tokens = seg_tokens
                 child.designated = True if designated is None else bool(designated[i])

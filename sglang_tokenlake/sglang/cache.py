@@ -91,6 +91,8 @@ class TokenLakeCache(BasePrefixCache):
         self.tree = SegmentTree(self.segment_size)
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.pool: Any = None  # PoolLink, attached by the broker service
+        self.q_heads = 0  # query heads per worker (for dispatch byte costs); set by the factory
+        self._decisions: dict[int, tuple[tuple[int, ...], list[str]]] = {}  # id(req) -> modes
         self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
         self._wake: Any = None  # a socket in the scheduler's idle poller, when attached
         self._jobs: deque = deque()  # callables queued by the broker thread
@@ -151,6 +153,8 @@ class TokenLakeCache(BasePrefixCache):
         path = self.tree.match(keys, raw if self.config.verify_tokens else None)
         self.stats.lookups += 1
         run = self.pool.remote_run(keys, raw, len(path)) if self.pool is not None else []
+        if run:
+            run = self._plan_run(params.req, len(key), len(path), run)
         if not path and not run:
             return self._empty_match
         node = path[-1] if path else self.root_node
@@ -162,20 +166,47 @@ class TokenLakeCache(BasePrefixCache):
             host_hit_length=len(run) * self.segment_size,
         )
 
+    def _plan_run(self, req: Any, n_tokens: int, local: int, run: list[SegmentNode]) -> list[SegmentNode]:
+        """Choose per remote segment ship / pull / recompute; cut the run at the first
+        recompute (a hit must be one contiguous prefix) and prefetch what is pulled."""
+        S = self.segment_size
+        new_tokens = max(1, n_tokens - (local + len(run)) * S)
+        max_new = int(getattr(getattr(req, "sampling_params", None), "max_new_tokens", 0) or 0)
+        modes = self.pool.choose_modes(run, new_tokens, max_new, self.q_heads)
+        if "recompute" in modes:
+            cut = modes.index("recompute")
+            run, modes = run[:cut], modes[:cut]
+        if req is not None and run:
+            self._decisions[id(req)] = (tuple(n.key for n in run), modes)
+        self.pool.prefetch([n for n, m in zip(run, modes) if m == "pull"])
+        return run
+
     def touch_prefix(self, key: Any) -> None:
         if len(key) >= self.segment_size and not key.is_bigram:
             keys, raw = self._key_chain(key)
             self.tree.match(keys, raw if self.config.verify_tokens else None)
 
     def path_device_indices(self, node: SegmentNode) -> torch.Tensor:
-        runs = _merge_runs([n.value for n in self.tree.path_to(node)], self.segment_size)
-        if not runs:
+        """Slots of the path to ``node``; segments not held here (a request ships its
+        queries to their owners) read the padding slot 0 and take no memory."""
+        chunks: list[torch.Tensor] = []
+        local: list[Any] = []
+        for n in self.tree.path_to(node):
+            if n.value is not None:
+                local.append(n.value)
+                continue
+            chunks += _merge_runs(local, self.segment_size)
+            local = []
+            chunks.append(torch.zeros(self.segment_size, dtype=torch.int64, device=self.device))
+        chunks += _merge_runs(local, self.segment_size)
+        if not chunks:
             return self._empty
-        return torch.cat(runs)
+        return torch.cat(chunks)
 
     # -- BasePrefixCache: insert ---------------------------------------------
 
-    def _insert_slots(self, keys: list[int], raw: bytes, slots: torch.Tensor) -> Any:
+    def _insert_slots(self, keys: list[int], raw: bytes, slots: torch.Tensor,
+                      skip: Any = frozenset()) -> Any:
         """Insert segments ``keys`` whose KV sits in ``slots`` (one slot per token).
 
         Only the part the tree does not hold yet is copied, once, into a tensor
@@ -190,7 +221,8 @@ class TokenLakeCache(BasePrefixCache):
         values: list[Any] = [None] * first_new
         if first_new < len(keys):
             base = slots[first_new * S : len(keys) * S].to(dtype=torch.int64, copy=True)
-            values += [(base, (i - first_new) * S) for i in range(first_new, len(keys))]
+            values += [None if i in skip else (base, (i - first_new) * S)
+                       for i in range(first_new, len(keys))]
         out = self.tree.insert(keys, raw, values)
         self.stats.inserted_segments += out.num_new
         return out
@@ -227,7 +259,9 @@ class TokenLakeCache(BasePrefixCache):
         key = RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt)
         keys, raw = self._key_chain(key)
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
-        out = self._insert_slots(keys, raw, row[: n_seg * S])
+        plan = self.pool.remote.plan_of(req) if self.pool is not None else None
+        remote = {idx for idx, _ in plan.segments()} if plan is not None else set()
+        out = self._insert_slots(keys, raw, row[: n_seg * S], skip=remote)
         if self.pool is not None:
             self.pool.on_inserted(keys, out)
 
@@ -235,7 +269,7 @@ class TokenLakeCache(BasePrefixCache):
         # and point the row at the tree's.
         dup_ranges = []
         for i in range(protected // S, len(out.path)):
-            if not out.adopted[i]:
+            if not out.adopted[i] and i not in remote:
                 dup_ranges.append((i * S, (i + 1) * S))
         if dup_ranges:
             self.free_kv_row(kv, dup_ranges)
@@ -257,6 +291,9 @@ class TokenLakeCache(BasePrefixCache):
             self.check_integrity()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        self._decisions.pop(id(req), None)
+        if self.pool is not None:
+            self.pool.remote.detach(req)
         if req.finished():
             prompt = len(req.origin_input_ids)
             hit = min(req.cached_tokens, prompt)
@@ -318,16 +355,44 @@ class TokenLakeCache(BasePrefixCache):
             self.stats.pull_fallbacks += 1
             return 0, device_node
         seg_tokens = [raw[i * S * 8 : (i + 1) * S * 8] for i in range(len(run))]
+        keys = tuple(n.key for n in run)
+        decided = self._decisions.get(id(req))
+        modes = decided[1] if decided is not None and decided[0] == keys else ["pull"] * len(run)
+        deadline = time.monotonic() + self.config.pull_timeout
+        remote = self.pool.remote
+        plan = None
+        owners: dict[str, list[tuple[int, int]]] = {}
+        pull: list[int] = []
+        ship: list[int] = []
+        for i, (n, m) in enumerate(zip(run, modes)):
+            if n.value is not None:
+                continue
+            owner = self.pool.owner_for(n) if m == "ship" else None
+            if owner is None:
+                pull.append(i)
+            else:
+                ship.append(i)
+                owners.setdefault(owner, []).append((n.depth, n.key))
+        if owners:
+            plan = remote.new_plan(owners)
+            if not remote.lease(plan, deadline):
+                # No pinned copy to ship queries to: pull those segments instead.
+                pull, plan = sorted(pull + ship), None
         # Pin the run (and the local nodes in it) while slots are made for it.
         self.tree.lock(run[-1])
         try:
-            ok = self.pool.load_run(run, seg_tokens, time.monotonic() + self.config.pull_timeout)
+            ok = self.pool.load_run([run[i] for i in pull], [seg_tokens[i] for i in pull], deadline)
         finally:
             self.tree.unlock(run[-1])
         if not ok:
+            if plan is not None:
+                remote.release(plan)
             self.stats.pull_fallbacks += 1
             return 0, device_node
-        self.stats.pulled_tokens += len(run) * S
+        if plan is not None:
+            remote.attach(req, plan)
+            self.stats.shipped_tokens += plan.remote_tokens()
+        self.stats.pulled_tokens += len(pull) * S
         return len(run) * S, run[-1]
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]:

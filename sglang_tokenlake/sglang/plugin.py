@@ -49,6 +49,26 @@ def register() -> None:
         _after_ingest_requests,
         HookType.AFTER,
     )
+    # Query-centric attention (sglang/remote.py): the attention backends' outputs
+    # for requests whose prefix stays on other workers, and the retraction of a
+    # request whose owner failed during a forward pass.
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.run_batch", _around_run_batch, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.process_batch_result",
+        _around_process_batch_result,
+        HookType.AROUND,
+    )
+    backends = ["sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"]
+    if _cuda_available():
+        backends.append("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend")
+    for cls in backends:
+        apply_cap = not cls.endswith("TorchNativeAttnBackend")  # torch_native ignores logit_cap
+        HookRegistry.register(f"{cls}.forward_extend", _attention_hook(False, apply_cap),
+                              HookType.AROUND)
+        HookRegistry.register(f"{cls}.forward_decode", _attention_hook(True, apply_cap),
+                              HookType.AROUND)
 
 
 # -- CLI ------------------------------------------------------------------------
@@ -156,13 +176,35 @@ def _tree_cache_factory(ctx: Any) -> Any:
     server_args = ctx.server_args
     config = config_of(server_args)
     cache = TokenLakeCache(ctx.params, config, model_id=str(server_args.model_path))
+    heads = int(getattr(ctx.model_config, "num_attention_heads", 0) or 0)
+    cache.q_heads = max(1, heads // max(1, int(ctx.tp_size)))
+    ship_ok = ship_supported(server_args)
+    if config.remote_mode == "ship" and not ship_ok:
+        raise ValueError(
+            "--tokenlake-remote-mode ship needs every forward pass to run through the "
+            "attention hooks: add --disable-overlap-schedule and "
+            "--cuda-graph-backend-decode disabled (or use --tokenlake-remote-mode pull/auto)"
+        )
+    if ctx.tp_size > 1 and config.peer_list():
+        raise ValueError("pooling across workers supports --tp-size 1 only")
     if ctx.tp_rank == 0:
         start_service(cache, config, server_args)
+        if cache.pool is not None:
+            cache.pool.ship_ok = ship_ok
     logger.info(
         "TokenLake cache ready: segment_size=%d page_size=%d namespace=%s",
         config.segment_size, ctx.params.page_size, cache.namespace,
     )
     return cache
+
+
+def ship_supported(server_args: Any) -> bool:
+    """Query shipping replaces attention outputs in Python hooks: it needs forward
+    passes that are neither overlapped with scheduling nor replayed from CUDA graphs."""
+    overlap_off = bool(getattr(server_args, "disable_overlap_schedule", False))
+    graphs = getattr(server_args, "cuda_graph_backend_decode", None)
+    graphs_off = graphs in (None, "disabled") or bool(getattr(server_args, "disable_cuda_graph", False))
+    return overlap_off and graphs_off
 
 
 def _after_ingest_requests(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
@@ -171,3 +213,64 @@ def _after_ingest_requests(result: Any, scheduler: Any, *args: Any, **kwargs: An
         if cache._wake is None:
             cache.attach_scheduler(scheduler)
         cache.poll()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    from sglang_tokenlake.sglang import remote
+
+    eng = remote.ENGINE
+    if eng is None or not eng.plans:
+        return original(scheduler, batch, *args, **kwargs)
+    eng.begin_forward(batch)
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    finally:
+        eng.end_forward(batch)
+
+
+def _around_process_batch_result(original: Any, scheduler: Any, batch: Any, *args: Any,
+                                 **kwargs: Any) -> Any:
+    from sglang_tokenlake.sglang import remote
+
+    eng = remote.ENGINE
+    if eng is None or not any(b is batch for b, _ in eng.pending_retract):
+        return original(scheduler, batch, *args, **kwargs)
+    # A request of this batch lost an owner mid-pass: its token must not be
+    # committed. The prefill result loop skips retracted requests; the decode
+    # loop does so only when overlap scheduling is on, so this one call gets a
+    # (frozen, stateless) result processor that says so.
+    import dataclasses
+
+    proc = getattr(scheduler, "batch_result_processor", None)
+    forced = proc is not None and not proc.enable_overlap
+    if forced:
+        scheduler.batch_result_processor = dataclasses.replace(proc, enable_overlap=True)
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    finally:
+        if forced:
+            scheduler.batch_result_processor = proc
+        eng.retract_failed(scheduler, batch)
+
+
+def _attention_hook(decode: bool, apply_cap: bool) -> Any:
+    def hook(original: Any, backend: Any, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any,
+             *args: Any, **kwargs: Any) -> Any:
+        o = original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
+        from sglang_tokenlake.sglang import remote
+
+        eng = remote.ENGINE
+        if eng is not None and eng.active and not getattr(layer, "is_cross_attention", False):
+            eng.replace_outputs(q, o, layer, forward_batch, decode, apply_cap)
+        return o
+
+    return hook

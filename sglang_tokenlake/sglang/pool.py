@@ -19,6 +19,8 @@ or a member that joined or restarted) pulls the sender's whole index with
 ``sync``; so every worker converges on where every segment lives.
     get       KV of segments by key  -> buffers (one per segment) or "missing"
     put       a segment computed elsewhere, sent to its home with its tokens and KV
+    lease     pin segments for a requester that will ship queries to them; unlease
+    attend    queries of one layer -> partial attention output + LSE (remote.py)
     status    one worker's view (CLI)
 
 A segment's home is the rendezvous choice among live members (placement.py);
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -85,7 +86,7 @@ class PoolLink:
         self.agent = PeerAgent(curve=curve, heartbeat_interval=config.heartbeat_interval,
                                on_tick=self._tick, max_inflight=config.max_inflight,
                                name=f"tokenlake-peers-{self_id}")
-        self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
+        self.slot_mutex = cache.slot_mutex  # held while tree slots are freed or read remotely
         self._pulls: dict[int, tuple[Future, int, float]] = {}  # key -> (future, index, started)
         self._announce: list[tuple[list[int], list[int]]] = []
         self._evicted: list[int] = []
@@ -95,7 +96,13 @@ class PoolLink:
         self._syncing: set[str] = set()
         self._membership_version = -1
         self._alive: dict[str, int] = {}
+        self._suspects: dict[str, float] = {}  # owner -> until when we avoid it
+        self.ship_ok = True  # query shipping possible here (set by the factory)
         self.counters: dict[str, int] = defaultdict(int)
+        from sglang_tokenlake.sglang import remote
+
+        self.remote = remote.RemoteAttention(self)
+        remote.ENGINE = self.remote
         for peer in config.peer_list():
             if peer != self_id:
                 self.membership.add_seed(peer)
@@ -117,6 +124,16 @@ class PoolLink:
 
     def home_of(self, key: int) -> str:
         return homes(key, self.alive(), 1)[0]
+
+    def suspect(self, owner: str) -> None:
+        """Avoid ``owner`` for a while: it failed a request (any thread)."""
+        self._suspects[owner] = time.monotonic() + 2 * self.config.peer_timeout
+
+    def usable(self, owner: str) -> bool:
+        until = self._suspects.get(owner)
+        if until is not None and time.monotonic() < until:
+            return False
+        return self.membership.is_alive(owner)
 
     # -- scheduler thread: events from the cache --------------------------------------
 
@@ -185,23 +202,51 @@ class PoolLink:
             if node.value is not None:
                 if node.tokens != raw[i * step : (i + 1) * step]:
                     break
-            elif not any(self.membership.is_alive(o) for o in node.owners):
+            elif not any(self.usable(o) for o in node.owners):
                 break
             run.append(node)
-        if run:
-            self.prefetch(run)
         return run
+
+    def choose_modes(self, run: list[SegmentNode], new_tokens: int, max_new_tokens: int,
+                     q_heads: int) -> list[str]:
+        """Per node of ``run``: 'local', 'ship', 'pull' or 'recompute' (by the dispatch rules)."""
+        from sglang_tokenlake import dispatch
+
+        mode = self.config.remote_mode
+        if mode != "auto":
+            return ["local" if n.value is not None else mode for n in run]
+        if not self.ship_ok:
+            return ["local" if n.value is not None else "pull" for n in run]
+        lay = self.layout
+        shape = dispatch.ModelShape(layers=lay.layers, q_heads=q_heads, kv_heads=lay.kv_heads,
+                                    head_dim=lay.head_dim, dtype_bytes=lay.itemsize)
+        locations = {n.key: ({self.self_id} if n.value is not None else
+                             {o for o in n.owners if self.usable(o)}) for n in run}
+        plan = dispatch.plan([n.key for n in run], locations, {}, executor=self.self_id,
+                             new_tokens=new_tokens, expected_output_tokens=max_new_tokens,
+                             segment_tokens=self.S, shape=shape)
+        names = {dispatch.Mode.LOCAL: "local", dispatch.Mode.SHIP_QUERY: "ship",
+                 dispatch.Mode.PULL_KV: "pull", dispatch.Mode.RECOMPUTE: "recompute"}
+        modes = [names[a.mode] for a in plan]
+        for m in modes:
+            self.counters[f"planned_{m}_segments"] += 1
+        return modes
+
+    def owner_for(self, node: SegmentNode) -> Optional[str]:
+        owners = [o for o in node.owners if self.usable(o)]
+        if not owners:
+            return None
+        # Spread load over replicas: the rendezvous order among the owners.
+        return homes(node.key, {o: 1 for o in owners}, 1)[0]
 
     def prefetch(self, run: list[SegmentNode]) -> None:
         by_owner: dict[str, list[int]] = defaultdict(list)
         for node in run:
             if node.value is not None or node.key in self._pulls:
                 continue
-            owners = [o for o in node.owners if self.membership.is_alive(o)]
-            if not owners:
+            owner = self.owner_for(node)
+            if owner is None:
                 continue
-            # Spread pulls over replicas: the rendezvous order among the owners.
-            owner = homes(node.key, {o: 1 for o in owners}, 1)[0]
             by_owner[owner].append(node.key)
         now = time.monotonic()
         for owner, ks in by_owner.items():
@@ -211,13 +256,13 @@ class PoolLink:
                 self._pulls[k] = (fut, i, now)
             self.counters["get_requests"] += 1
 
-    def load_run(self, run: list[SegmentNode], tokens: list[bytes], deadline: float) -> bool:
-        """Make every node of ``run`` local (scheduler thread); all or nothing.
+    def load_run(self, nodes: list[SegmentNode], tokens: list[bytes], deadline: float) -> bool:
+        """Pull ``nodes`` into local slots (scheduler thread); all or nothing.
 
-        ``tokens[i]`` are the request's own token bytes of ``run[i]``: the owner's
+        ``tokens[i]`` are the request's own token bytes of ``nodes[i]``: the owner's
         copy must carry the same tokens, or the pull is refused.
         """
-        need = [(n, t) for n, t in zip(run, tokens) if n.value is None]
+        need = [(n, t) for n, t in zip(nodes, tokens) if n.value is None]
         self.prefetch([n for n, _ in need])
         datas = []
         for n, want in need:
@@ -301,6 +346,7 @@ class PoolLink:
 
     def on_membership(self, ev: MembershipEvents) -> None:
         for peer in ev.left + ev.restarted:
+            self.remote.drop_peer_leases(peer)
             n = self.tree.drop_owner(peer)
             logger.info("TokenLake: %s left the pool (%d segments forgotten)", peer, n)
         # Homes moved: re-designate local copies; announce what became ours.
@@ -409,7 +455,40 @@ class PoolLink:
     def handlers(self) -> dict[str, Any]:
         return {"hello": self._on_hello, "announce": self._on_announce,
                 "evicted": self._on_evicted, "get": self._on_get, "put": self._on_put,
-                "sync": self._on_sync}
+                "sync": self._on_sync, "lease": self._on_lease, "unlease": self._on_unlease,
+                "attend": self._on_attend}
+
+    def _on_lease(self, req: Request) -> None:
+        peer = self._known_sender(req)
+        if peer is None:
+            return
+        lease, keys = req.msg.header.get("lease"), req.msg.header.get("keys")
+        if not isinstance(lease, str) or not _int_list(keys) or len(keys) > MAX_CHAIN:
+            self.counters["malformed"] += 1
+            req.error("lease: needs a lease id and a list of keys")
+            return
+
+        def job() -> None:
+            ok = self.remote.grant_lease(peer, lease, keys)
+            self.counters["leases_granted" if ok else "leases_refused"] += 1
+            req.reply("lease", {"ok": ok})
+
+        self.cache.submit(job)
+
+    def _on_unlease(self, req: Request) -> None:
+        lease = req.msg.header.get("lease")
+        if not isinstance(lease, str):
+            self.counters["malformed"] += 1
+            req.error("unlease: needs a lease id")
+            return
+        self.cache.submit(lambda: self.remote.drop_lease(lease))
+        req.reply("ok")
+
+    def _on_attend(self, req: Request) -> None:
+        if self._known_sender(req) is None:
+            return
+        with self.slot_mutex:
+            self.remote.serve_attend(req)
 
     def _known_sender(self, req: Request) -> Optional[str]:
         peer = req.msg.header.get("from")
@@ -543,6 +622,10 @@ class PoolLink:
     def designated_keys(self) -> list[str]:
         return sorted(f"{n.key:016x}" for n in self.tree.nodes.values()
                       if n.value is not None and n.designated)
+
+    def transient_keys(self) -> list[str]:
+        return sorted(f"{n.key:016x}" for n in self.tree.nodes.values()
+                      if n.value is not None and not n.designated)
 
     def close(self) -> None:
         self.agent.close()

@@ -1,0 +1,159 @@
+"""Query-centric attention in real SGLang: the executor ships its queries to the
+owners of its prefix segments and merges their partial attention.
+
+A 4-worker pool (remote mode 'ship', no transient copies) beside a stock radix
+worker, for page sizes 1 and 16. Documents are chosen so that their segments
+live on exactly 1, 2 or 3 owners and none on the executor.
+"""
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+from serving import STRICT_ENV, assert_memory_invariant, generate, random_tokens, wait_idle_status
+
+from sglang_tokenlake.cli import fetch_status
+from sglang_tokenlake.cluster import (
+    BROKER_PORT_OFFSET,
+    WorkerSpec,
+    free_port,
+    start_workers,
+    stop_workers,
+)
+from sglang_tokenlake.placement import homes
+from sglang_tokenlake.segments import request_namespace, segment_keys
+
+pytestmark = pytest.mark.server
+SEGMENT = {1: 16, 16: 32}  # page size -> segment size
+QUERY_TIMEOUT = 1.5
+
+
+@pytest.fixture(scope="module", params=[1, 16], ids=["page1", "page16"])
+def pool(request, tiny_model, log_dir):
+    page = request.param
+    ports: list[int] = []
+    for _ in range(5):
+        ports.append(free_port(avoid=ports))
+    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports[:4])
+    args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
+            "--tokenlake-remote-mode", "ship", "--tokenlake-query-timeout", str(QUERY_TIMEOUT),
+            "--tokenlake-peer-timeout", "30"]
+    specs = [WorkerSpec(tiny_model, p, "tokenlake", page_size=page, segment_size=SEGMENT[page],
+                        max_total_tokens=16384, env=STRICT_ENV, extra_args=args)
+             for p in ports[:4]]
+    specs.append(WorkerSpec(tiny_model, ports[4], "radix", page_size=page,
+                            max_total_tokens=16384, env=STRICT_ENV))
+    workers = start_workers(specs, log_dir)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(sum(m["alive"] for m in fetch_status(w.broker_addr)["pool"]["members"]) == 4
+               for w in workers[:4]):
+            break
+        time.sleep(0.5)
+    yield {"page": page, "seg": SEGMENT[page], "workers": workers[:4], "stock": workers[4],
+           "model": tiny_model}
+    for w in workers:
+        if w.proc is not None and w.proc.poll() is None:
+            try:
+                os.killpg(w.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    stop_workers(workers)
+
+
+def _doc_with_owners(pool, n_owners: int, seed: int, n_seg: int = 6):
+    """A document whose segments are homed on exactly ``n_owners`` of workers 0..2."""
+    ws = pool["workers"]
+    members = {w.broker_addr: 1.0 for w in ws}
+    seed_key = request_namespace(pool["model"])
+    rng = random.Random(seed)
+    for _ in range(20000):
+        doc = random_tokens(rng, n_seg * pool["seg"] + 5)
+        owners = [homes(k, members, 1)[0] for k in segment_keys(doc, pool["seg"], seed_key)]
+        if ws[3].broker_addr not in owners and len(set(owners)) == n_owners:
+            return doc, sorted(set(owners))
+    raise AssertionError("no document found")
+
+
+@pytest.mark.parametrize("n_owners", [1, 2, 3])
+def test_outputs_identical_to_stock_with_prefix_split_over_owners(pool, n_owners):
+    ws, stock, seg = pool["workers"], pool["stock"], pool["seg"]
+    doc, owners = _doc_with_owners(pool, n_owners, seed=100 + n_owners)
+    generate(ws[0].url, doc, 2)  # computed on worker 0; non-home segments go home
+    time.sleep(0.5)
+    before = fetch_status(ws[3].broker_addr)["pool"]["counters"]
+    ids = doc + random_tokens(random.Random(n_owners), 7)
+    out = generate(ws[3].url, ids, 72)  # prefill of the question + 72 decode steps
+    want = generate(stock.url, ids, 72)
+    assert out["output_ids"] == want["output_ids"]
+    assert out["meta_info"]["cached_tokens"] == (len(doc) // seg) * seg
+    st = fetch_status(ws[3].broker_addr, keys=True)
+    c = st["pool"]["counters"]
+    assert c.get("ship_requests", 0) == before.get("ship_requests", 0) + 1
+    assert c.get("query_bytes", 0) > before.get("query_bytes", 0)
+    assert c.get("partial_bytes", 0) > before.get("partial_bytes", 0)
+    assert c.get("pulled_segments", 0) == before.get("pulled_segments", 0)  # nothing pulled
+    served = [fetch_status(addr)["pool"]["counters"].get("attend_served", 0) for addr in owners]
+    assert all(s > 0 for s in served)
+    # The executor holds no copy of the remote prefix afterwards either.
+    prefix = {f"{k:016x}" for k in segment_keys(doc, seg, request_namespace(pool["model"]))}
+    assert not prefix & set(st["designated_keys"] + st["transient_keys"])
+    assert_memory_invariant(wait_idle_status(ws[3].broker_addr))
+
+
+def test_remote_prefix_takes_no_local_memory(pool):
+    ws = pool["workers"]
+    doc, _ = _doc_with_owners(pool, 3, seed=200, n_seg=12)
+    generate(ws[0].url, doc, 2)
+    time.sleep(0.5)
+    ids = doc + [7, 8, 9]
+    seen = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            m = fetch_status(ws[3].broker_addr)["memory"]
+            seen.append(m["held_by_requests"] + m["locked"])
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    out = generate(ws[3].url, ids, 150)
+    done.set()
+    t.join()
+    assert out["meta_info"]["cached_tokens"] == (len(doc) // pool["seg"]) * pool["seg"]
+    # At most the request's own tokens (question + outputs, page-rounded): never the prefix.
+    own = len(ids) - out["meta_info"]["cached_tokens"] + 150 + pool["page"]
+    assert max(seen) > 0
+    assert max(seen) <= own < len(doc)
+
+
+def test_owner_that_stops_answering_falls_back_without_a_wrong_token(pool):
+    ws, stock = pool["workers"], pool["stock"]
+    doc, owners = _doc_with_owners(pool, 1, seed=300)
+    generate(ws[0].url, doc, 2)
+    time.sleep(0.5)
+    owner = next(w for w in ws if w.broker_addr == owners[0])
+    ids = doc + [11, 12, 13]
+    want = generate(stock.url, ids, 300)["output_ids"]
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=generate(ws[3].url, ids, 300, timeout=120)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while fetch_status(ws[3].broker_addr)["memory"]["held_by_requests"] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    os.killpg(owner.proc.pid, signal.SIGSTOP)  # mid-request: the owner freezes
+    try:
+        t.join(90)
+        assert not t.is_alive(), "request hung"
+    finally:
+        os.killpg(owner.proc.pid, signal.SIGCONT)
+    assert result["out"]["output_ids"] == want
+    c = fetch_status(ws[3].broker_addr)["pool"]["counters"]
+    assert c.get("ship_failures", 0) >= 1
+    assert c.get("retracted_requests", 0) >= 1
+    assert_memory_invariant(wait_idle_status(ws[3].broker_addr))
