@@ -42,9 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="total cache capacity as fractions of the workload's unique full blocks")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     load_g = p.add_mutually_exclusive_group()
-    load_g.add_argument("--target-util", type=float, default=0.7,
+    load_g.add_argument("--target-util", type=float, nargs="+", default=[0.7],
                         help="scale arrivals so the uncached GPU work is this fraction of the "
-                             "cluster's GPU time (per instance count)")
+                             "cluster's GPU time (per instance count); several values sweep load")
     load_g.add_argument("--rate-scale", type=float, default=None,
                         help="multiply the arrival rate by this instead (timestamps / X)")
     p.add_argument("--bandwidth-gbps", type=float, default=25.0,
@@ -64,11 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(task: tuple[str, SimConfig, float]) -> dict[str, Any]:
-    policy, cfg, frac = task
+def _run(task: tuple[str, SimConfig, float, Optional[float]]) -> dict[str, Any]:
+    policy, cfg, frac, util = task
     assert _WORKLOAD is not None
     res = simulate(_WORKLOAD, policy, cfg)
-    return {"capacity_frac": frac, **res.summary()}
+    return {"capacity_frac": frac, "target_util": util,
+            "rate_scale": round(1 / cfg.time_stretch, 4), **res.summary()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -82,33 +83,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     compute = ComputeModel()
     router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
                               args.balance_rel_threshold)
+    utils: list[Optional[float]] = [None] if args.rate_scale is not None else args.target_util
     tasks = []
     stretches = {}
-    for n in args.instances:
-        if args.rate_scale is not None:
-            stretches[n] = 1.0 / args.rate_scale
-        else:
-            stretches[n] = time_stretch(wl, n, compute, args.target_util)
-    for n, frac, pol in itertools.product(args.instances, args.capacity, args.policies):
+    for u, n in itertools.product(utils, args.instances):
+        stretches[(u, n)] = (1.0 / args.rate_scale if u is None
+                             else time_stretch(wl, n, compute, u))
+    for u, n, frac, pol in itertools.product(utils, args.instances, args.capacity, args.policies):
         cfg = SimConfig(
             instances=n,
             capacity_blocks=max(1, int(frac * info["unique_full_blocks"] / n)),
-            segment_tokens=wl.segment_tokens, time_stretch=stretches[n], compute=compute,
+            segment_tokens=wl.segment_tokens, time_stretch=stretches[(u, n)], compute=compute,
             bandwidth_Bps=args.bandwidth_gbps * 1e9, router=router,
             replica_budget=args.replica_budget, placement_choices=args.placement_choices,
             pool_leaf_first=not args.no_pool_leaf_first,
         )
-        tasks.append((pol, cfg, frac))
+        tasks.append((pol, cfg, frac, u))
     # Same instance count back to back: a worker process reuses its memoized homes.
     runs = _execute(tasks, args.jobs)
-    runs.sort(key=lambda r: (r["instances"], r["capacity_frac"],
+    runs.sort(key=lambda r: (r["target_util"] or 0, r["instances"], r["capacity_frac"],
                              report.ORDER.index(r["policy"])))
     doc = {
         "command": "python -m sglang_tokenlake.sim " + " ".join(argv or sys.argv[1:]),
         "workload": info,
-        "load": (f"rate x{args.rate_scale}" if args.rate_scale is not None
-                 else f"uncached GPU work = {args.target_util:.0%} of cluster GPU time"),
-        "rate_scale": {str(n): round(1 / s, 4) for n, s in stretches.items()},
+        "load": (f"arrival rate x{args.rate_scale}" if args.rate_scale is not None
+                 else "target_util = uncached GPU work / cluster GPU time"),
+        "rate_scale": {f"util={u} N={n}": round(1 / st, 4) for (u, n), st in stretches.items()},
         "compute": dataclasses.asdict(compute),
         "config": {k: (v if not dataclasses.is_dataclass(v) else dataclasses.asdict(v))
                    for k, v in dataclasses.asdict(tasks[0][1]).items()
