@@ -90,6 +90,15 @@ class TokenLakeConfig:
         "Seconds a forward pass waits for an owner's partial attention; an owner that "
         "does not answer makes the request start over, recomputing or pulling instead.",
     )
+    replica_budget: float = _f(
+        0.1,
+        "Share of the pool's KV capacity that extra replicas of hot segments may occupy "
+        "(0 turns replication off). Hot segments are found by a sliding-window top-k "
+        "counter of segment accesses and get replicas in proportion to their share.",
+    )
+    hot_window: int = _f(
+        4096, "Segment accesses the hotness estimate covers (a sliding window)."
+    )
     curve_dir: Optional[str] = _f(
         None,
         "Directory with the pool's CURVE keys (made by `tokenlake keygen DIR`): brokers "
@@ -130,6 +139,10 @@ class TokenLakeConfig:
                 f"--{FLAG_PREFIX}-heartbeat-interval ({self.heartbeat_interval})"
             )
         self.peer_list()  # validates the addresses
+        if not 0.0 <= self.replica_budget <= 1.0:
+            raise ValueError(f"--{FLAG_PREFIX}-replica-budget must be in [0, 1], got {self.replica_budget}")
+        if self.hot_window < 16:
+            raise ValueError(f"--{FLAG_PREFIX}-hot-window must be at least 16, got {self.hot_window}")
         if self.max_inflight <= 0:
             raise ValueError(f"--{FLAG_PREFIX}-max-inflight must be positive, got {self.max_inflight}")
         if self.log_interval < 0:
@@ -204,3 +217,27 @@ def _unwrap_optional(typ: Any) -> Any:
         if len(rest) == 1:
             return rest[0]
     return typ
+
+
+def markdown_table() -> str:
+    """The flags as a markdown table (README); ``python -m sglang_tokenlake.config``."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(TokenLakeConfig):
+        flag = f"--{FLAG_PREFIX}-{f.name.replace('_', '-')}"
+        if f.type in (bool, "bool"):
+            flag += f" / --no-{FLAG_PREFIX}-{f.name.replace('_', '-')}"
+        d = f.default
+        if d is None:
+            default = "unset"
+        elif isinstance(d, bool):
+            default = "on" if d else "off"
+        elif d == "":
+            default = "(none)"
+        else:
+            default = str(d)
+        rows.append(f"| `{flag}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

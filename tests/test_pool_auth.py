@@ -30,7 +30,8 @@ def pair(tiny_model, log_dir, keys):
     p1 = free_port()
     p2 = free_port(avoid=[p1])
     peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in (p1, p2))
-    args = ["--tokenlake-peers", peers, "--tokenlake-curve-dir", keys]
+    args = ["--tokenlake-peers", peers, "--tokenlake-curve-dir", keys,
+            "--tokenlake-remote-mode", "pull"]
     specs = [WorkerSpec(tiny_model, p, "tokenlake", page_size=16, segment_size=32,
                         max_total_tokens=8192, env=STRICT_ENV, extra_args=args) for p in (p1, p2)]
     workers = start_workers(specs, log_dir)

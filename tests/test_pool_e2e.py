@@ -1,7 +1,8 @@
 """Three TokenLake workers in one pool beside a stock radix worker (tiny model, float32).
 
-Transient copies are off here, so the pool must hold exactly one copy of every
-segment once requests finish.
+Transient copies and hot-segment replicas are off here, so the pool must hold
+exactly one copy of every segment once requests finish (replication has its
+own test module).
 """
 
 import random
@@ -30,7 +31,8 @@ def cluster(tiny_model, log_dir):
     for _ in range(4):
         ports.append(free_port(avoid=ports))
     peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports[:3])
-    pool_args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies"]
+    pool_args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
+                 "--tokenlake-remote-mode", "pull", "--tokenlake-replica-budget", "0"]
     specs = [
         WorkerSpec(tiny_model, p, "tokenlake", page_size=16, segment_size=SEG,
                    max_total_tokens=16384, env=STRICT_ENV, extra_args=pool_args)
@@ -125,3 +127,4 @@ def test_soak_keeps_every_worker_consistent(cluster):
         assert w.alive()
         assert_memory_invariant(wait_idle_status(w.broker_addr))
         assert "Traceback" not in w.log_path.read_text()
+

@@ -93,6 +93,7 @@ class TokenLakeCache(BasePrefixCache):
         self.pool: Any = None  # PoolLink, attached by the broker service
         self.q_heads = 0  # query heads per worker (for dispatch byte costs); set by the factory
         self._decisions: dict[int, tuple[tuple[int, ...], list[str]]] = {}  # id(req) -> modes
+        self._observed: set[int] = set()  # id(req) of requests counted by the hotness estimate
         self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
         self._wake: Any = None  # a socket in the scheduler's idle poller, when attached
         self._jobs: deque = deque()  # callables queued by the broker thread
@@ -155,6 +156,10 @@ class TokenLakeCache(BasePrefixCache):
         run = self.pool.remote_run(keys, raw, len(path)) if self.pool is not None else []
         if run:
             run = self._plan_run(params.req, len(key), len(path), run)
+        req = params.req
+        if self.pool is not None and req is not None and id(req) not in self._observed:
+            self._observed.add(id(req))  # one observation per request, not per scheduling round
+            self.pool.observe([n.key for n in path] + [n.key for n in run])
         if not path and not run:
             return self._empty_match
         node = path[-1] if path else self.root_node
@@ -292,6 +297,7 @@ class TokenLakeCache(BasePrefixCache):
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._decisions.pop(id(req), None)
+        self._observed.discard(id(req))
         if self.pool is not None:
             self.pool.remote.detach(req)
         if req.finished():

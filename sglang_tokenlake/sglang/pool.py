@@ -98,6 +98,12 @@ class PoolLink:
         self._alive: dict[str, int] = {}
         self._suspects: dict[str, float] = {}  # owner -> until when we avoid it
         self.ship_ok = True  # query shipping possible here (set by the factory)
+        from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
+
+        self.hot = HeavyHitters(window=config.hot_window, k=64)
+        self.planner = ReplicaPlanner(budget_tokens=0, segment_tokens=self.S)
+        self.copies: dict[int, int] = {}  # key -> copies wanted (hot segments only)
+        self._next_replan = 0.0
         self.counters: dict[str, int] = defaultdict(int)
         from sglang_tokenlake.sglang import remote
 
@@ -119,8 +125,43 @@ class PoolLink:
         return self._alive
 
     def designated(self, key: int) -> bool:
+        """Is this worker one of the segment's homes (its primary, or a replica of a hot one)?"""
         members = self.alive()
-        return len(members) == 1 or homes(key, members, 1)[0] == self.self_id
+        if len(members) == 1:
+            return True
+        return self.self_id in homes(key, members, self.copies.get(key, 1))
+
+    def observe(self, keys: list[int]) -> None:
+        """One request uses these segments (scheduler thread)."""
+        for k in keys:
+            self.hot.observe(k)
+
+    def replan(self) -> None:
+        """Recompute replica counts from the hotness estimate and re-designate local copies."""
+        members = self.alive()
+        if self.config.replica_budget <= 0 or len(members) <= 1:
+            new: dict[int, int] = {}
+        else:
+            self.planner.budget_tokens = int(self.config.replica_budget * sum(members.values()))
+            new = self.planner.plan(self.hot.hot(), len(members))
+        changed = set(new) ^ set(self.copies) | {k for k in new if self.copies.get(k) != new[k]}
+        self.copies = new
+        for k in changed:
+            node = self.tree.nodes.get(k)
+            if node is not None and node.value is not None:
+                self._redesignate(node)
+
+    def _redesignate(self, node: SegmentNode) -> None:
+        d = self.designated(node.key)
+        if d == node.designated:
+            return
+        node.designated = d
+        if d:
+            self._announce.append(([x.key for x in self.tree.path_to(node)], [node.depth]))
+        else:  # no longer one of its homes: first to evict, no longer announced
+            self._evicted.append(node.key)
+            if not self.config.transient_copies:
+                self._drop.add(node)
 
     def home_of(self, key: int) -> str:
         return homes(key, self.alive(), 1)[0]
@@ -314,6 +355,10 @@ class PoolLink:
     # -- scheduler thread: periodic work ----------------------------------------------
 
     def poll(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_replan:
+            self._next_replan = now + 1.0
+            self.replan()
         if self._announce:
             chains, self._announce = self._announce, []
             self._broadcast("announce", {"chains": [[k, h] for k, h in chains]})
@@ -351,12 +396,8 @@ class PoolLink:
             logger.info("TokenLake: %s left the pool (%d segments forgotten)", peer, n)
         # Homes moved: re-designate local copies; announce what became ours.
         for node in list(self.tree.nodes.values()):
-            if node.value is None:
-                continue
-            d = self.designated(node.key)
-            if d and not node.designated:
-                self._announce.append(([x.key for x in self.tree.path_to(node)], [node.depth]))
-            node.designated = d
+            if node.value is not None:
+                self._redesignate(node)
         for peer in ev.joined + ev.restarted:
             logger.info("TokenLake: %s joined the pool", peer)
             self._applied.pop(peer, None)
@@ -612,6 +653,8 @@ class PoolLink:
         return {
             "self": self.self_id,
             "members": self.membership.snapshot(),
+            "hot_segments": len(self.copies),
+            "replicas_planned": sum(c - 1 for c in self.copies.values()),
             "designated_segments": designated,
             "transient_segments": self.tree.local_nodes - designated,
             "remote_segments_by_owner": dict(by_owner),
