@@ -8,7 +8,13 @@ import pytest
 from serving import STRICT_ENV, generate, random_tokens
 
 from sglang_tokenlake.cli import fetch_status
-from sglang_tokenlake.cluster import BROKER_PORT_OFFSET, WorkerSpec, free_port, start_workers, stop_workers
+from sglang_tokenlake.cluster import (
+    BROKER_PORT_OFFSET,
+    WorkerSpec,
+    free_port,
+    start_workers,
+    stop_workers,
+)
 from sglang_tokenlake.transport.auth import keygen
 from sglang_tokenlake.transport.client import Client
 

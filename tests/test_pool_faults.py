@@ -170,14 +170,28 @@ def test_sigkill_a_home_while_requests_run_then_it_rejoins(cluster, tiny_model, 
     assert time.monotonic() - killed_at < 60
     for w in (a, b):
         assert_memory_invariant(wait_idle_status(w.broker_addr))
-    # C comes back on the same address and rejoins.
+    # The two survivors hold every segment of docs[0] (recomputed if C had it).
+    generate(a.url, docs[0] + [8], 2)
+    wait_idle_status(a.broker_addr)
+    before = _designated(a) | _designated(b)
+    # C comes back on the same address and rejoins: the segments now homed at C are
+    # handed over to it (the survivors held their only copies), none is lost.
     c2 = Worker(c.spec, log_dir, name=c.name + "-restarted").start()
     try:
         c2.wait_ready()
         _wait(lambda: c.broker_addr in _alive_members(a), 20, "C to rejoin")
+        _wait(lambda: _designated(c2) and before <= _designated(a) | _designated(b) | _designated(c2),
+              15, "segments homed at C to move there")
+        assert before & _designated(c2)
         ids = docs[0] + [9, 9, 9]
         out = generate(c2.url, ids, 10)
         assert out["output_ids"] == generate(stock.url, ids, 10)["output_ids"]
-        assert out["meta_info"]["cached_tokens"] > 0  # served from the pool
+        assert out["meta_info"]["cached_tokens"] == len(docs[0])  # every segment from the pool
+        for w in (a, b, c2):
+            assert_memory_invariant(wait_idle_status(w.broker_addr))
     finally:
         c2.stop()
+
+
+def _designated(w) -> set[str]:
+    return set(fetch_status(w.broker_addr, keys=True)["designated_keys"])

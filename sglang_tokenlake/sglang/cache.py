@@ -155,7 +155,7 @@ class TokenLakeCache(BasePrefixCache):
         self.stats.lookups += 1
         run = self.pool.remote_run(keys, raw, len(path)) if self.pool is not None else []
         if run:
-            run = self._plan_run(params.req, len(key), len(path), run)
+            run = self.pool.plan_run(params.req, len(key), len(path), run)
         req = params.req
         if self.pool is not None and req is not None and id(req) not in self._observed:
             self._observed.add(id(req))  # one observation per request, not per scheduling round
@@ -170,21 +170,6 @@ class TokenLakeCache(BasePrefixCache):
             best_match_node=run[-1] if run else node,
             host_hit_length=len(run) * self.segment_size,
         )
-
-    def _plan_run(self, req: Any, n_tokens: int, local: int, run: list[SegmentNode]) -> list[SegmentNode]:
-        """Choose per remote segment ship / pull / recompute; cut the run at the first
-        recompute (a hit must be one contiguous prefix) and prefetch what is pulled."""
-        S = self.segment_size
-        new_tokens = max(1, n_tokens - (local + len(run)) * S)
-        max_new = int(getattr(getattr(req, "sampling_params", None), "max_new_tokens", 0) or 0)
-        modes = self.pool.choose_modes(run, new_tokens, max_new, self.q_heads)
-        if "recompute" in modes:
-            cut = modes.index("recompute")
-            run, modes = run[:cut], modes[:cut]
-        if req is not None and run:
-            self._decisions[id(req)] = (tuple(n.key for n in run), modes)
-        self.pool.prefetch([n for n, m in zip(run, modes) if m == "pull"])
-        return run
 
     def touch_prefix(self, key: Any) -> None:
         if len(key) >= self.segment_size and not key.is_bigram:
@@ -336,70 +321,18 @@ class TokenLakeCache(BasePrefixCache):
         return EvictResult(num_tokens_evicted=n)
 
     def init_load_back(self, params: InitLoadBackParams) -> Optional[tuple[int, Any]]:
-        """Pull the segments ``match_prefix`` promised from other workers.
+        """Bring in the remote run ``match_prefix`` promised (see Transfers.load_back).
 
-        All or nothing: on any failure (dead owner, timeout, no memory, a wrong
-        buffer) nothing is committed and the request recomputes those tokens.
+        All or nothing: on any failure nothing is committed and the request
+        recomputes those tokens.
         """
         req = params.req
         device_node = req.last_node if req is not None else self.root_node
-        run: list[SegmentNode] = []
-        node = params.best_match_node
-        while node is not None and node is not device_node and node is not self.root_node:
-            run.append(node)
-            node = node.parent
-        run.reverse()
-        S = self.segment_size
-        if (self.pool is None or req is None or node is not device_node
-                or len(run) * S != params.host_hit_length):
+        if self.pool is None or req is None:
             self.stats.pull_fallbacks += 1
             return 0, device_node
-        start = device_node.depth + 1
-        tokens = req.full_untruncated_fill_ids
-        raw = segment_bytes(tokens, S, limit=(start + len(run)) * S)[start * S * 8 :]
-        if len(raw) != len(run) * S * 8:
-            self.stats.pull_fallbacks += 1
-            return 0, device_node
-        seg_tokens = [raw[i * S * 8 : (i + 1) * S * 8] for i in range(len(run))]
-        keys = tuple(n.key for n in run)
-        decided = self._decisions.get(id(req))
-        modes = decided[1] if decided is not None and decided[0] == keys else ["pull"] * len(run)
-        deadline = time.monotonic() + self.config.pull_timeout
-        remote = self.pool.remote
-        plan = None
-        owners: dict[str, list[tuple[int, int]]] = {}
-        pull: list[int] = []
-        ship: list[int] = []
-        for i, (n, m) in enumerate(zip(run, modes)):
-            if n.value is not None:
-                continue
-            owner = self.pool.owner_for(n) if m == "ship" else None
-            if owner is None:
-                pull.append(i)
-            else:
-                ship.append(i)
-                owners.setdefault(owner, []).append((n.depth, n.key))
-        if owners:
-            plan = remote.new_plan(owners)
-            if not remote.lease(plan, deadline):
-                # No pinned copy to ship queries to: pull those segments instead.
-                pull, plan = sorted(pull + ship), None
-        # Pin the run (and the local nodes in it) while slots are made for it.
-        self.tree.lock(run[-1])
-        try:
-            ok = self.pool.load_run([run[i] for i in pull], [seg_tokens[i] for i in pull], deadline)
-        finally:
-            self.tree.unlock(run[-1])
-        if not ok:
-            if plan is not None:
-                remote.release(plan)
-            self.stats.pull_fallbacks += 1
-            return 0, device_node
-        if plan is not None:
-            remote.attach(req, plan)
-            self.stats.shipped_tokens += plan.remote_tokens()
-        self.stats.pulled_tokens += len(pull) * S
-        return len(run) * S, run[-1]
+        return self.pool.load_back(req, params.best_match_node, device_node,
+                                   params.host_hit_length)
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
         """``n`` free KV slots (page-aligned; n a multiple of the page size), evicting if needed."""

@@ -12,21 +12,18 @@ Messages (see transport/frames.py for the wire format)::
     announce  "I hold these segments" (designated copies only), by key chain
     evicted   "I no longer hold these segments"
     sync      "send me your whole index": the answer replaces what we knew of you
-
-Index events carry a per-sender sequence number, and heartbeats carry the
-sender's latest. A receiver that sees a gap (an event it refused or missed,
-or a member that joined or restarted) pulls the sender's whole index with
-``sync``; so every worker converges on where every segment lives.
     get       KV of segments by key  -> buffers (one per segment) or "missing"
     put       a segment computed elsewhere, sent to its home with its tokens and KV
     lease     pin segments for a requester that will ship queries to them; unlease
     attend    queries of one layer -> partial attention output + LSE (remote.py)
     status    one worker's view (CLI)
 
-A segment's home is the rendezvous choice among live members (placement.py);
-copies a worker holds for segments homed elsewhere are *transient*: first to
-evict, never announced. Anything that fails (a dead owner, a timeout, a wrong
-buffer) makes the request recompute: a pull is all-or-nothing.
+A segment's homes are the rendezvous choice among live members (placement.py):
+one, or more for hot segments (hotness.py). Copies a worker holds for segments
+homed elsewhere are *transient*: first to evict, never announced. Index sync
+lives in index_sync.py, puts and pulls in transfers.py, query shipping in
+remote.py. Anything that fails (a dead owner, a timeout, a wrong buffer) makes
+the request recompute: a pull is all or nothing.
 """
 
 from __future__ import annotations
@@ -39,29 +36,21 @@ from collections import defaultdict
 from concurrent.futures import Future
 from typing import Any, Optional
 
-import numpy as np
-import torch
-
 from sglang_tokenlake import kvio
 from sglang_tokenlake.membership import Membership, MembershipEvents
 from sglang_tokenlake.placement import homes
+from sglang_tokenlake.sglang.index_sync import MAX_CHAIN, IndexSync, _int_list
+from sglang_tokenlake.sglang.transfers import Transfers
 from sglang_tokenlake.transport.broker import Request
 from sglang_tokenlake.transport.peers import PeerAgent
 from sglang_tokenlake.tree import SegmentNode
 
 logger = logging.getLogger(__name__)
 
-MAX_CHAIN = 1 << 16  # segments in one announced chain or put
 
+class PoolLink(IndexSync, Transfers):
+    """Membership, placement, replicas and the broker handlers of one worker's pool."""
 
-def _wire_tensor(buf: memoryview) -> torch.Tensor:
-    """An aligned, writable uint8 tensor copy of a received buffer."""
-    out = torch.empty(buf.nbytes, dtype=torch.uint8)
-    out.numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
-    return out
-
-
-class PoolLink:
     def __init__(self, cache: Any, config: Any, self_id: str, broker: Any) -> None:
         self.cache = cache
         self.tree = cache.tree
@@ -94,6 +83,7 @@ class PoolLink:
         self._seq = 0  # index events broadcast so far
         self._applied: dict[str, int] = {}  # peer -> last index event applied (scheduler thread)
         self._syncing: set[str] = set()
+        self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
         self._membership_version = -1
         self._alive: dict[str, int] = {}
         self._suspects: dict[str, float] = {}  # owner -> until when we avoid it
@@ -155,6 +145,8 @@ class PoolLink:
         d = self.designated(node.key)
         if d == node.designated:
             return
+        if not d and self.migrate(node):
+            return  # the pool's only copy: designated here until its new home holds it
         node.designated = d
         if d:
             self._announce.append(([x.key for x in self.tree.path_to(node)], [node.depth]))
@@ -199,158 +191,7 @@ class PoolLink:
     def on_evicted(self, nodes: list[SegmentNode]) -> None:
         self._evicted.extend(n.key for n in nodes if n.designated)
 
-    def _put(self, home: str, keys: list[int], path: list[SegmentNode], idxs: list[int]) -> None:
-        bufs, toks = [], []
-        for i in idxs:
-            base, off = path[i].value
-            bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
-            toks.append(path[i].tokens)
-        header = {"from": self.self_id, "keys": list(keys[: idxs[-1] + 1]), "segs": idxs, "tokens": toks}
-        fut = self.agent.request(home, "put", header, bufs, timeout=self.config.pull_timeout * 2)
-        self.counters["put_segments"] += len(idxs)
-        self.counters["put_bytes"] += sum(b.nbytes for b in bufs)
-        nodes = [path[i] for i in idxs]
-
-        def done(f: Future) -> None:
-            if f.exception() is None and f.result().header.get("stored") is not None:
-                self.cache.submit(lambda: self._put_acked(home, nodes))
-            else:
-                self.counters["put_failures"] += 1
-
-        fut.add_done_callback(done)
-
-    def _put_acked(self, home: str, nodes: list[SegmentNode]) -> None:
-        for n in nodes:
-            if n.parent is not None:
-                n.owners.add(home)
-                if not self.config.transient_copies:
-                    self._drop.add(n)
-
     # -- scheduler thread: reads ------------------------------------------------------
-
-    def remote_run(self, keys: list[int], raw: bytes, start: int) -> list[SegmentNode]:
-        """The segments after the local prefix that live pool members can serve.
-
-        A local node inside the run must hold the request's own tokens (``raw``,
-        int64 bytes of the request's full segments); the run ends before one that
-        does not (a key collision), exactly as a local match would.
-        """
-        if len(self.alive()) == 1:
-            return []
-        run = []
-        step = self.S * 8
-        for i, node in enumerate(self.tree.run_after(keys, start), start):
-            if node.value is not None:
-                if node.tokens != raw[i * step : (i + 1) * step]:
-                    break
-            elif not any(self.usable(o) for o in node.owners):
-                break
-            run.append(node)
-        return run
-
-    def choose_modes(self, run: list[SegmentNode], new_tokens: int, max_new_tokens: int,
-                     q_heads: int) -> list[str]:
-        """Per node of ``run``: 'local', 'ship', 'pull' or 'recompute' (by the dispatch rules)."""
-        from sglang_tokenlake import dispatch
-
-        mode = self.config.remote_mode
-        if mode != "auto":
-            return ["local" if n.value is not None else mode for n in run]
-        if not self.ship_ok:
-            return ["local" if n.value is not None else "pull" for n in run]
-        lay = self.layout
-        shape = dispatch.ModelShape(layers=lay.layers, q_heads=q_heads, kv_heads=lay.kv_heads,
-                                    head_dim=lay.head_dim, dtype_bytes=lay.itemsize)
-        locations = {n.key: ({self.self_id} if n.value is not None else
-                             {o for o in n.owners if self.usable(o)}) for n in run}
-        plan = dispatch.plan([n.key for n in run], locations, {}, executor=self.self_id,
-                             new_tokens=new_tokens, expected_output_tokens=max_new_tokens,
-                             segment_tokens=self.S, shape=shape)
-        names = {dispatch.Mode.LOCAL: "local", dispatch.Mode.SHIP_QUERY: "ship",
-                 dispatch.Mode.PULL_KV: "pull", dispatch.Mode.RECOMPUTE: "recompute"}
-        modes = [names[a.mode] for a in plan]
-        for m in modes:
-            self.counters[f"planned_{m}_segments"] += 1
-        return modes
-
-    def owner_for(self, node: SegmentNode) -> Optional[str]:
-        owners = [o for o in node.owners if self.usable(o)]
-        if not owners:
-            return None
-        # Spread load over replicas: the rendezvous order among the owners.
-        return homes(node.key, {o: 1 for o in owners}, 1)[0]
-
-    def prefetch(self, run: list[SegmentNode]) -> None:
-        by_owner: dict[str, list[int]] = defaultdict(list)
-        for node in run:
-            if node.value is not None or node.key in self._pulls:
-                continue
-            owner = self.owner_for(node)
-            if owner is None:
-                continue
-            by_owner[owner].append(node.key)
-        now = time.monotonic()
-        for owner, ks in by_owner.items():
-            fut = self.agent.request(owner, "get", {"from": self.self_id, "keys": ks},
-                                     timeout=self.config.pull_timeout)
-            for i, k in enumerate(ks):
-                self._pulls[k] = (fut, i, now)
-            self.counters["get_requests"] += 1
-
-    def load_run(self, nodes: list[SegmentNode], tokens: list[bytes], deadline: float) -> bool:
-        """Pull ``nodes`` into local slots (scheduler thread); all or nothing.
-
-        ``tokens[i]`` are the request's own token bytes of ``nodes[i]``: the owner's
-        copy must carry the same tokens, or the pull is refused.
-        """
-        need = [(n, t) for n, t in zip(nodes, tokens) if n.value is None]
-        self.prefetch([n for n, _ in need])
-        datas = []
-        for n, want in need:
-            entry = self._pulls.pop(n.key, None)
-            if entry is None:
-                self.counters["pull_failures"] += 1
-                return False
-            fut, i, _ = entry
-            try:
-                msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as e:
-                self.counters["pull_failures"] += 1
-                logger.info("TokenLake: pull of a segment failed (%s); recomputing", e)
-                return False
-            found, toks = msg.header.get("found"), msg.header.get("tokens")
-            if not isinstance(found, list) or i >= len(found) or not found[i]:
-                self.counters["pull_failures"] += 1
-                return False
-            j = sum(1 for f in found[:i] if f)
-            if not isinstance(toks, list) or j >= len(toks) or toks[j] != want:
-                self.counters["pull_token_mismatch"] += 1
-                return False
-            buf = msg.buffers[j] if j < len(msg.buffers) else None
-            if buf is None or buf.nbytes != self.seg_bytes:
-                self.counters["pull_failures"] += 1
-                return False
-            datas.append(buf)
-        if not need:
-            return True
-        slots = self.cache.alloc_slots(len(need) * self.S)
-        if slots is None:
-            self.counters["pull_no_memory"] += 1
-            return False
-        for j, ((node, tok), buf) in enumerate(zip(need, datas)):
-            seg = slots[j * self.S : (j + 1) * self.S]
-            kvio.scatter(self.kvcache, seg, _wire_tensor(buf), self.layout)
-            keys = [x.key for x in self.tree.path_to(node)]
-            designated = self.designated(node.key)
-            _, adopted = self.tree.adopt(keys, (slots, j * self.S), tok, designated=designated)
-            assert adopted
-            if designated:
-                self._announce.append((keys, [len(keys) - 1]))
-            elif not self.config.transient_copies:
-                self._drop.add(node)
-        self.counters["pulled_segments"] += len(need)
-        self.counters["pulled_bytes"] += len(need) * self.seg_bytes
-        return True
 
     # -- scheduler thread: periodic work ----------------------------------------------
 
@@ -381,14 +222,6 @@ class PoolLink:
         self._drop.difference_update(ready)
         self.cache.drop_nodes(ready)
 
-    def _broadcast(self, kind: str, header: dict[str, Any]) -> None:
-        self._seq += 1
-        header = {"from": self.self_id, "seq": self._seq, **header}
-        for peer in self.alive():
-            if peer != self.self_id:
-                self.agent.request(peer, kind, header, timeout=self.config.peer_timeout)
-        self.counters[f"{kind}_sent"] += 1
-
     def on_membership(self, ev: MembershipEvents) -> None:
         for peer in ev.left + ev.restarted:
             self.remote.drop_peer_leases(peer)
@@ -404,54 +237,6 @@ class PoolLink:
             self.request_sync(peer)
 
     # -- index synchronisation (scheduler thread) ---------------------------------------
-
-    def index_chains(self) -> list[list[list[int]]]:
-        """Every designated local segment as ``[chain keys, [its index]]``."""
-        chains = []
-        for node in self.tree.nodes.values():
-            if node.value is not None and node.designated:
-                chains.append([[x.key for x in self.tree.path_to(node)], [node.depth]])
-        return chains
-
-    def request_sync(self, peer: str) -> None:
-        if peer in self._syncing:
-            return
-        self._syncing.add(peer)
-        fut = self.agent.request(peer, "sync", {"from": self.self_id},
-                                 timeout=self.config.peer_timeout * 2)
-        self.counters["sync_requests"] += 1
-
-        def done(f: Future) -> None:
-            if f.exception() is not None:
-                self.cache.submit(lambda: self._syncing.discard(peer))
-                return
-            h = f.result().header
-            self.cache.submit(lambda: self._apply_sync(peer, h))
-
-        fut.add_done_callback(done)
-
-    def _apply_sync(self, peer: str, h: dict[str, Any]) -> None:
-        self._syncing.discard(peer)
-        chains, seq = h.get("chains"), h.get("seq")
-        if not _valid_chains(chains) or not isinstance(seq, int):
-            self.counters["malformed"] += 1
-            return
-        self.tree.drop_owner(peer)
-        for keys, held in chains:
-            self.tree.add_owner_chain(keys, held, peer)
-        self._applied[peer] = seq
-
-    def _apply_event(self, peer: str, seq: Any, apply: Any) -> None:
-        apply()
-        last = self._applied.get(peer)
-        if not isinstance(seq, int) or last is None or seq != last + 1:
-            self.request_sync(peer)  # a gap: what we know of this peer may be stale
-        if isinstance(seq, int) and (last is None or seq > last):
-            self._applied[peer] = seq
-
-    def _check_seq(self, peer: str, seq: Any) -> None:
-        if isinstance(seq, int) and seq > self._applied.get(peer, -1):
-            self.request_sync(peer)
 
     # -- agent thread: heartbeats -----------------------------------------------------
 
@@ -549,99 +334,6 @@ class PoolLink:
             self.cache.submit(lambda: self._check_seq(peer, seq))
         req.reply("hello", self.hello_header())
 
-    def _on_sync(self, req: Request) -> None:
-        # Index metadata only (keys, no KV): answered to any authenticated caller.
-        self.cache.submit(lambda: req.reply("index", {"seq": self._seq, "chains": self.index_chains()}))
-
-    def _on_announce(self, req: Request) -> None:
-        peer = self._known_sender(req)
-        if peer is None:
-            return
-        chains = req.msg.header.get("chains")
-        if not _valid_chains(chains):
-            self.counters["malformed"] += 1
-            req.error("announce: chains must be [[keys], [indices]] lists")
-            return
-        seq = req.msg.header.get("seq")
-        self.cache.submit(lambda: self._apply_event(
-            peer, seq, lambda: [self.tree.add_owner_chain(k, h, peer) for k, h in chains]))
-        req.reply("ok")
-
-    def _on_evicted(self, req: Request) -> None:
-        peer = self._known_sender(req)
-        if peer is None:
-            return
-        keys = req.msg.header.get("keys")
-        if not _int_list(keys):
-            self.counters["malformed"] += 1
-            req.error("evicted: keys must be a list of integers")
-            return
-        seq = req.msg.header.get("seq")
-        self.cache.submit(lambda: self._apply_event(
-            peer, seq, lambda: self.tree.remove_owner_keys(keys, peer)))
-        req.reply("ok")
-
-    def _on_get(self, req: Request) -> None:
-        keys = req.msg.header.get("keys")
-        if self._known_sender(req) is None:
-            return
-        if not _int_list(keys) or len(keys) > MAX_CHAIN:
-            self.counters["malformed"] += 1
-            req.error("get: keys must be a list of integers")
-            return
-        found, toks, bufs = [], [], []
-        with self.slot_mutex:
-            for k in keys:
-                node = self.tree.nodes.get(k)
-                value = node.value if node is not None else None
-                if value is None:
-                    found.append(False)
-                    continue
-                base, off = value
-                bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
-                toks.append(node.tokens)
-                found.append(True)
-        self.counters["served_segments"] += len(bufs)
-        self.counters["served_bytes"] += sum(b.nbytes for b in bufs)
-        req.reply("kv", {"found": found, "tokens": toks}, bufs)
-
-    def _on_put(self, req: Request) -> None:
-        if self._known_sender(req) is None:
-            return
-        h, bufs = req.msg.header, req.msg.buffers
-        keys, segs, toks = h.get("keys"), h.get("segs"), h.get("tokens")
-        ok = (
-            _int_list(keys) and 0 < len(keys) <= MAX_CHAIN and _int_list(segs)
-            and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
-            and all(0 <= i < len(keys) for i in segs)
-            and all(isinstance(t, bytes) and len(t) == self.S * 8 for t in toks)
-            and all(b.nbytes == self.seg_bytes for b in bufs)
-        )
-        if not ok:
-            self.counters["malformed"] += 1
-            req.error("put: malformed segments (keys, segs, tokens and KV buffers must agree)")
-            return
-        datas = [_wire_tensor(b) for b in bufs]
-
-        def job() -> None:
-            stored = 0
-            for i, tok, data in zip(segs, toks, datas):
-                node = self.tree.nodes.get(keys[i])
-                if node is not None and node.value is not None:
-                    node.designated = True
-                    continue
-                slots = self.cache.alloc_slots(self.S)
-                if slots is None:
-                    break
-                kvio.scatter(self.kvcache, slots, data, self.layout)
-                self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
-                self._announce.append((list(keys[: i + 1]), [i]))
-                stored += 1
-            self.counters["stored_segments"] += stored
-            req.reply("ok", {"stored": stored})
-
-        self.cache.submit(job)
-
     # -- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -674,16 +366,3 @@ class PoolLink:
         self.agent.close()
 
 
-def _int_list(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
-
-
-def _valid_chains(chains: Any) -> bool:
-    if not isinstance(chains, list) or len(chains) > MAX_CHAIN:
-        return False
-    for c in chains:
-        if not (isinstance(c, list) and len(c) == 2 and _int_list(c[0]) and _int_list(c[1])):
-            return False
-        if len(c[0]) > MAX_CHAIN or any(not 0 <= i < len(c[0]) for i in c[1]):
-            return False
-    return True

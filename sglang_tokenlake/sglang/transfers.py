@@ -1,0 +1,372 @@
+"""Moving segments between workers: puts to a segment's home, pulls into local slots.
+
+Writes: a full segment computed on a worker that is not its home is put there
+(asynchronously; the local copy is transient). Reads: the segments after a
+request's local prefix that live members hold form its remote run; each is
+shipped to (queries, remote.py), pulled (KV, here) or recomputed, as the
+dispatch rules say. A pull is all or nothing; anything that fails makes the
+request recompute. GETs are served on the broker thread under the slot mutex;
+PUTs are applied on the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from sglang_tokenlake import kvio
+from sglang_tokenlake.placement import homes
+from sglang_tokenlake.segments import segment_bytes
+from sglang_tokenlake.sglang.index_sync import MAX_CHAIN, _int_list
+from sglang_tokenlake.transport.broker import Request
+from sglang_tokenlake.tree import SegmentNode
+
+logger = logging.getLogger(__name__)
+
+
+def _wire_tensor(buf: memoryview) -> torch.Tensor:
+    """An aligned, writable uint8 tensor copy of a received buffer."""
+    out = torch.empty(buf.nbytes, dtype=torch.uint8)
+    out.numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
+    return out
+
+
+class Transfers:
+    """Mixin of PoolLink: puts, pulls and the choice of mode per remote segment."""
+
+    def _put(self, home: str, keys: list[int], path: list[SegmentNode], idxs: list[int],
+             migrate: bool = False) -> None:
+        """Send segments ``path[i]`` (i in ``idxs``; chain ``keys``) to their home.
+
+        Only the segments the home reports holding become its copies here; with
+        ``migrate`` (a sole copy whose home moved) the local copy stays designated
+        until then.
+        """
+        bufs, toks = [], []
+        for i in idxs:
+            base, off = path[i].value
+            bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
+            toks.append(path[i].tokens)
+        header = {"from": self.self_id, "keys": list(keys[: idxs[-1] + 1]), "segs": idxs, "tokens": toks}
+        fut = self.agent.request(home, "put", header, bufs, timeout=self.config.pull_timeout * 2)
+        self.counters["put_segments"] += len(idxs)
+        self.counters["put_bytes"] += sum(b.nbytes for b in bufs)
+        nodes = {i: path[i] for i in idxs}
+
+        def done(f: Future) -> None:
+            held = f.result().header.get("held") if f.exception() is None else None
+            if not _int_list(held):
+                held = []
+            acked = [nodes[i] for i in held if i in nodes]
+            failed = [n for i, n in nodes.items() if i not in set(held)]
+            if failed:
+                self.counters["put_failures"] += len(failed)
+            self.cache.submit(lambda: self._put_done(home, acked, failed, migrate))
+
+        fut.add_done_callback(done)
+
+    def _put_done(self, home: str, acked: list[SegmentNode], failed: list[SegmentNode],
+                  migrate: bool) -> None:
+        for n in acked:
+            if migrate:
+                self._migrating.discard(n.key)
+            if n.parent is None:
+                continue  # evicted meanwhile
+            n.owners.add(home)
+            if migrate:
+                if n.value is not None and n.designated and not self.designated(n.key):
+                    n.designated = False
+                    self._evicted.append(n.key)
+            if not self.config.transient_copies:
+                self._drop.add(n)
+        if migrate:
+            for n in failed:  # kept designated here; tried again at the next change
+                self._migrating.discard(n.key)
+
+    def migrate(self, node: SegmentNode) -> bool:
+        """Hand the pool's only copy of ``node`` to its new home (membership changed).
+
+        Returns False when another live member already holds it.
+        """
+        if node.key in self._migrating or any(self.usable(o) for o in node.owners):
+            return node.key in self._migrating
+        home = self.home_of(node.key)
+        if home == self.self_id:
+            return False
+        path = self.tree.path_to(node)
+        self._migrating.add(node.key)
+        self.counters["migrated_segments"] += 1
+        self._put(home, [x.key for x in path], path, [len(path) - 1], migrate=True)
+        return True
+
+    def remote_run(self, keys: list[int], raw: bytes, start: int) -> list[SegmentNode]:
+        """The segments after the local prefix that live pool members can serve.
+
+        A local node inside the run must hold the request's own tokens (``raw``,
+        int64 bytes of the request's full segments); the run ends before one that
+        does not (a key collision), exactly as a local match would.
+        """
+        if len(self.alive()) == 1:
+            return []
+        run = []
+        step = self.S * 8
+        for i, node in enumerate(self.tree.run_after(keys, start), start):
+            if node.value is not None:
+                if node.tokens != raw[i * step : (i + 1) * step]:
+                    break
+            elif not any(self.usable(o) for o in node.owners):
+                break
+            run.append(node)
+        return run
+
+    def choose_modes(self, run: list[SegmentNode], new_tokens: int, max_new_tokens: int,
+                     q_heads: int) -> list[str]:
+        """Per node of ``run``: 'local', 'ship', 'pull' or 'recompute' (by the dispatch rules)."""
+        from sglang_tokenlake import dispatch
+
+        mode = self.config.remote_mode
+        if mode != "auto":
+            return ["local" if n.value is not None else mode for n in run]
+        if not self.ship_ok:
+            return ["local" if n.value is not None else "pull" for n in run]
+        lay = self.layout
+        shape = dispatch.ModelShape(layers=lay.layers, q_heads=q_heads, kv_heads=lay.kv_heads,
+                                    head_dim=lay.head_dim, dtype_bytes=lay.itemsize)
+        locations = {n.key: ({self.self_id} if n.value is not None else
+                             {o for o in n.owners if self.usable(o)}) for n in run}
+        plan = dispatch.plan([n.key for n in run], locations, {}, executor=self.self_id,
+                             new_tokens=new_tokens, expected_output_tokens=max_new_tokens,
+                             segment_tokens=self.S, shape=shape)
+        names = {dispatch.Mode.LOCAL: "local", dispatch.Mode.SHIP_QUERY: "ship",
+                 dispatch.Mode.PULL_KV: "pull", dispatch.Mode.RECOMPUTE: "recompute"}
+        modes = [names[a.mode] for a in plan]
+        for m in modes:
+            self.counters[f"planned_{m}_segments"] += 1
+        return modes
+
+    def plan_run(self, req: Any, n_tokens: int, local: int, run: list[SegmentNode]) -> list[SegmentNode]:
+        """Choose per remote segment ship / pull / recompute; cut the run at the first
+        recompute (a hit must be one contiguous prefix) and prefetch what is pulled."""
+        S = self.S
+        new_tokens = max(1, n_tokens - (local + len(run)) * S)
+        max_new = int(getattr(getattr(req, "sampling_params", None), "max_new_tokens", 0) or 0)
+        modes = self.choose_modes(run, new_tokens, max_new, self.cache.q_heads)
+        if "recompute" in modes:
+            cut = modes.index("recompute")
+            run, modes = run[:cut], modes[:cut]
+        if req is not None and run:
+            self.cache._decisions[id(req)] = (tuple(n.key for n in run), modes)
+        self.prefetch([n for n, m in zip(run, modes) if m == "pull"])
+        return run
+
+    def load_back(self, req: Any, best_match_node: SegmentNode, device_node: SegmentNode,
+                  host_hit_length: int) -> tuple[int, SegmentNode]:
+        """Bring in the remote run of ``req``: lease its shipped segments at their
+        owners and pull the rest into local slots. Returns (tokens now usable,
+        last node); all or nothing, (0, device_node) on any failure."""
+        cache = self.cache
+        S = self.S
+        run: list[SegmentNode] = []
+        node = best_match_node
+        while node is not None and node is not device_node and node.parent is not None:
+            run.append(node)
+            node = node.parent
+        run.reverse()
+        if not run or node is not device_node or len(run) * S != host_hit_length:
+            cache.stats.pull_fallbacks += 1
+            return 0, device_node
+        start = device_node.depth + 1
+        raw = segment_bytes(req.full_untruncated_fill_ids, S, limit=(start + len(run)) * S)[start * S * 8 :]
+        if len(raw) != len(run) * S * 8:
+            cache.stats.pull_fallbacks += 1
+            return 0, device_node
+        seg_tokens = [raw[i * S * 8 : (i + 1) * S * 8] for i in range(len(run))]
+        keys = tuple(n.key for n in run)
+        decided = cache._decisions.get(id(req))
+        modes = decided[1] if decided is not None and decided[0] == keys else ["pull"] * len(run)
+        deadline = time.monotonic() + self.config.pull_timeout
+        plan = None
+        owners: dict[str, list[tuple[int, int]]] = {}
+        pull: list[int] = []
+        ship: list[int] = []
+        for i, (n, m) in enumerate(zip(run, modes)):
+            if n.value is not None:
+                continue
+            owner = self.owner_for(n) if m == "ship" else None
+            if owner is None:
+                pull.append(i)
+            else:
+                ship.append(i)
+                owners.setdefault(owner, []).append((n.depth, n.key))
+        if owners:
+            plan = self.remote.new_plan(owners)
+            if not self.remote.lease(plan, deadline):
+                # No pinned copy to ship queries to: pull those segments instead.
+                pull, plan = sorted(pull + ship), None
+        # Pin the run (and the local nodes in it) while slots are made for it.
+        self.tree.lock(run[-1])
+        try:
+            ok = self.load_run([run[i] for i in pull], [seg_tokens[i] for i in pull], deadline)
+        finally:
+            self.tree.unlock(run[-1])
+        if not ok:
+            if plan is not None:
+                self.remote.release(plan)
+            cache.stats.pull_fallbacks += 1
+            return 0, device_node
+        if plan is not None:
+            self.remote.attach(req, plan)
+            cache.stats.shipped_tokens += plan.remote_tokens()
+        cache.stats.pulled_tokens += len(pull) * S
+        return len(run) * S, run[-1]
+
+    def owner_for(self, node: SegmentNode) -> Optional[str]:
+        owners = [o for o in node.owners if self.usable(o)]
+        if not owners:
+            return None
+        # Spread load over replicas: the rendezvous order among the owners.
+        return homes(node.key, {o: 1 for o in owners}, 1)[0]
+
+    def prefetch(self, run: list[SegmentNode]) -> None:
+        by_owner: dict[str, list[int]] = defaultdict(list)
+        for node in run:
+            if node.value is not None or node.key in self._pulls:
+                continue
+            owner = self.owner_for(node)
+            if owner is None:
+                continue
+            by_owner[owner].append(node.key)
+        now = time.monotonic()
+        for owner, ks in by_owner.items():
+            fut = self.agent.request(owner, "get", {"from": self.self_id, "keys": ks},
+                                     timeout=self.config.pull_timeout)
+            for i, k in enumerate(ks):
+                self._pulls[k] = (fut, i, now)
+            self.counters["get_requests"] += 1
+
+    def load_run(self, nodes: list[SegmentNode], tokens: list[bytes], deadline: float) -> bool:
+        """Pull ``nodes`` into local slots (scheduler thread); all or nothing.
+
+        ``tokens[i]`` are the request's own token bytes of ``nodes[i]``: the owner's
+        copy must carry the same tokens, or the pull is refused.
+        """
+        need = [(n, t) for n, t in zip(nodes, tokens) if n.value is None]
+        self.prefetch([n for n, _ in need])
+        datas = []
+        for n, want in need:
+            entry = self._pulls.pop(n.key, None)
+            if entry is None:
+                self.counters["pull_failures"] += 1
+                return False
+            fut, i, _ = entry
+            try:
+                msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as e:
+                self.counters["pull_failures"] += 1
+                logger.info("TokenLake: pull of a segment failed (%s); recomputing", e)
+                return False
+            found, toks = msg.header.get("found"), msg.header.get("tokens")
+            if not isinstance(found, list) or i >= len(found) or not found[i]:
+                self.counters["pull_failures"] += 1
+                return False
+            j = sum(1 for f in found[:i] if f)
+            if not isinstance(toks, list) or j >= len(toks) or toks[j] != want:
+                self.counters["pull_token_mismatch"] += 1
+                return False
+            buf = msg.buffers[j] if j < len(msg.buffers) else None
+            if buf is None or buf.nbytes != self.seg_bytes:
+                self.counters["pull_failures"] += 1
+                return False
+            datas.append(buf)
+        if not need:
+            return True
+        slots = self.cache.alloc_slots(len(need) * self.S)
+        if slots is None:
+            self.counters["pull_no_memory"] += 1
+            return False
+        for j, ((node, tok), buf) in enumerate(zip(need, datas)):
+            seg = slots[j * self.S : (j + 1) * self.S]
+            kvio.scatter(self.kvcache, seg, _wire_tensor(buf), self.layout)
+            keys = [x.key for x in self.tree.path_to(node)]
+            designated = self.designated(node.key)
+            _, adopted = self.tree.adopt(keys, (slots, j * self.S), tok, designated=designated)
+            assert adopted
+            if designated:
+                self._announce.append((keys, [len(keys) - 1]))
+            elif not self.config.transient_copies:
+                self._drop.add(node)
+        self.counters["pulled_segments"] += len(need)
+        self.counters["pulled_bytes"] += len(need) * self.seg_bytes
+        return True
+
+    def _on_get(self, req: Request) -> None:
+        keys = req.msg.header.get("keys")
+        if self._known_sender(req) is None:
+            return
+        if not _int_list(keys) or len(keys) > MAX_CHAIN:
+            self.counters["malformed"] += 1
+            req.error("get: keys must be a list of integers")
+            return
+        found, toks, bufs = [], [], []
+        with self.slot_mutex:
+            for k in keys:
+                node = self.tree.nodes.get(k)
+                value = node.value if node is not None else None
+                if value is None:
+                    found.append(False)
+                    continue
+                base, off = value
+                bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
+                toks.append(node.tokens)
+                found.append(True)
+        self.counters["served_segments"] += len(bufs)
+        self.counters["served_bytes"] += sum(b.nbytes for b in bufs)
+        req.reply("kv", {"found": found, "tokens": toks}, bufs)
+
+    def _on_put(self, req: Request) -> None:
+        if self._known_sender(req) is None:
+            return
+        h, bufs = req.msg.header, req.msg.buffers
+        keys, segs, toks = h.get("keys"), h.get("segs"), h.get("tokens")
+        ok = (
+            _int_list(keys) and 0 < len(keys) <= MAX_CHAIN and _int_list(segs)
+            and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
+            and all(0 <= i < len(keys) for i in segs)
+            and all(isinstance(t, bytes) and len(t) == self.S * 8 for t in toks)
+            and all(b.nbytes == self.seg_bytes for b in bufs)
+        )
+        if not ok:
+            self.counters["malformed"] += 1
+            req.error("put: malformed segments (keys, segs, tokens and KV buffers must agree)")
+            return
+        datas = [_wire_tensor(b) for b in bufs]
+
+        def job() -> None:
+            stored, held = 0, []
+            for i, tok, data in zip(segs, toks, datas):
+                node = self.tree.nodes.get(keys[i])
+                if node is not None and node.value is not None:
+                    if not node.designated:
+                        node.designated = True
+                        self._announce.append(([x.key for x in self.tree.path_to(node)], [node.depth]))
+                    held.append(i)
+                    continue
+                slots = self.cache.alloc_slots(self.S)
+                if slots is None:
+                    self.counters["put_refused_full"] += 1
+                    break
+                kvio.scatter(self.kvcache, slots, data, self.layout)
+                self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
+                self._announce.append((list(keys[: i + 1]), [i]))
+                stored += 1
+                held.append(i)
+            self.counters["stored_segments"] += stored
+            req.reply("ok", {"stored": stored, "held": held})
+
+        self.cache.submit(job)
