@@ -288,13 +288,26 @@ class SegmentTree:
         """Drop local segments, least recently used leaves first, until at least
         ``num_tokens`` are freed or nothing evictable is left.
 
+        Transient copies of segments another worker holds go first, wherever they
+        sit in a chain (a hole is served by that worker); then leaves, transient
+        before designated, least recently used first.
+
         Returns ``(node, value)`` for every dropped segment; the caller frees the
         values. A node with other owners stays in the tree as a remote entry.
         """
-        heap = [(n.designated, n.last_access, n.id, n) for n in self._evictable_leaves]
-        heapq.heapify(heap)
         out: list[tuple[SegmentNode, Any]] = []
         freed = 0
+        if self.local_nodes > len(self._evictable_leaves):
+            spare = [n for n in self.nodes.values()
+                     if n.value is not None and not n.designated and n.owners and n.lock_ref == 0]
+            spare.sort(key=lambda n: (n.last_access, n.id))
+            for node in spare:
+                if freed >= num_tokens:
+                    return out
+                out.append((node, self._drop_local(node)))
+                freed += self.segment_size
+        heap = [(n.designated, n.last_access, n.id, n) for n in self._evictable_leaves]
+        heapq.heapify(heap)
         while freed < num_tokens and heap:
             node = heapq.heappop(heap)[-1]
             if node not in self._evictable_leaves:

@@ -40,7 +40,7 @@ def pool(request, tiny_model, log_dir):
     peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports[:4])
     args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
             "--tokenlake-remote-mode", "ship", "--tokenlake-query-timeout", str(QUERY_TIMEOUT),
-            "--tokenlake-peer-timeout", "30"]
+            "--tokenlake-peer-timeout", "30", "--enable-metrics"]
     specs = [WorkerSpec(tiny_model, p, "tokenlake", page_size=page, segment_size=SEGMENT[page],
                         max_total_tokens=16384, env=STRICT_ENV, extra_args=args)
              for p in ports[:4]]
@@ -102,6 +102,38 @@ def test_outputs_identical_to_stock_with_prefix_split_over_owners(pool, n_owners
     prefix = {f"{k:016x}" for k in segment_keys(doc, seg, request_namespace(pool["model"]))}
     assert not prefix & set(st["designated_keys"] + st["transient_keys"])
     assert_memory_invariant(wait_idle_status(ws[3].broker_addr))
+
+
+def _series(text: str, name: str, label: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_pool_traffic_is_exported_as_metrics(pool):
+    """After the shipping above: SGLang's /metrics carries the status counters by kind."""
+    import requests
+
+    w = pool["workers"][3]
+    c: dict = {}
+    got: dict = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        generate(w.url, [5, 6, 7], 1)  # keeps the scheduler loop (and its export) running
+        c = fetch_status(w.broker_addr)["pool"]["counters"]
+        text = requests.get(w.url + "/metrics", timeout=10).text
+        got = {"query_bytes": _series(text, "sglang:tokenlake_pool_bytes_total", 'kind="query"'),
+               "partial_bytes": _series(text, "sglang:tokenlake_pool_bytes_total",
+                                        'kind="partial"'),
+               "shipped_segments": _series(text, "sglang:tokenlake_pool_segments_total",
+                                           'mode="ship"')}
+        if all(got[k] == c.get(k, 0) for k in got):
+            break
+        time.sleep(0.5)
+    assert c.get("query_bytes", 0) > 0 and c.get("shipped_segments", 0) > 0
+    assert got == {k: float(c.get(k, 0)) for k in got}
 
 
 def test_remote_prefix_takes_no_local_memory(pool):

@@ -64,6 +64,32 @@ def test_evict_is_lru_and_leaf_first():
     check(t)
 
 
+def test_copies_held_elsewhere_are_evicted_first_wherever_they_sit():
+    t = SegmentTree(S)
+    keys, raw = chain(list(range(16)))
+    # d0 and d3 are this worker's (designated); t1 and t2 are transient copies of
+    # segments homed elsewhere. t1's home holds it; t2's home has not acknowledged.
+    t.insert(keys, raw, ["d0", "t1", "t2", "d3"], designated=[True, False, False, True])
+    t.add_owner(keys[:2], "home")
+    t.match(keys, raw)  # all equally recent
+    dropped = t.evict(S)
+    # t1 goes although it is no leaf: its home serves the hole; nothing is lost.
+    assert [v for _, v in dropped] == ["t1"]
+    assert [n.value for n in t.match(keys, raw)] == ["d0"]
+    assert t.walk(keys)[1].owners == {"home"} and t.walk(keys)[3].value == "d3"
+    # Then leaves, transient first: t2 cannot go before its local child d3.
+    assert [v for _, v in t.evict(S)] == ["d3"]
+    assert [v for _, v in t.evict(S)] == ["t2"]
+    check(t)
+    # A locked copy stays.
+    t2 = SegmentTree(S)
+    t2.insert(keys, raw, ["d0", "t1", "t2", "d3"], designated=[True, False, False, True])
+    t2.add_owner(keys[:2], "home")
+    t2.lock(t2.walk(keys)[3])
+    assert t2.evict(S) == []
+    check(t2)
+
+
 def test_evict_stops_when_enough():
     t = SegmentTree(S)
     insert(t, list(range(16)), "a")

@@ -445,6 +445,8 @@ class TokenLakeCache(BasePrefixCache):
         if self.metrics is not None and now - self._last_gauge >= 1.0:
             self._last_gauge = now
             self.metrics.set_occupancy(self.tree.cached_tokens, self.tree.local_nodes)
+            if self.pool is not None:
+                self.metrics.observe_pool(self.pool.counters)
         interval = self.config.log_interval
         if interval > 0 and now - self._last_log >= interval:
             self._last_log = now

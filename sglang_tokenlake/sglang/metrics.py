@@ -38,6 +38,44 @@ class TokenLakeMetrics:
             multiprocess_mode="mostrecent",
         ).labels(**self._labels)
 
+        self.pool_bytes = Counter(
+            "sglang:tokenlake_pool_bytes_total",
+            "Bytes this worker moved through the pool, by kind: query (queries shipped to "
+            "owners), partial (partial attention received), partial_served (sent as an "
+            "owner), kv_pulled, kv_served, kv_put.",
+            labelnames=[*names, "kind"],
+        )
+        self.pool_segments = Counter(
+            "sglang:tokenlake_pool_segments_total",
+            "Remote segments used by this worker's requests, by mode (ship, pull), and "
+            "segments put to their homes (put).",
+            labelnames=[*names, "mode"],
+        )
+        self._seen: dict[str, float] = {}
+
+    # pool counter -> (series, label value)
+    POOL = {
+        "query_bytes": ("pool_bytes", "query"),
+        "partial_bytes": ("pool_bytes", "partial"),
+        "partial_bytes_served": ("pool_bytes", "partial_served"),
+        "pulled_bytes": ("pool_bytes", "kv_pulled"),
+        "served_bytes": ("pool_bytes", "kv_served"),
+        "put_bytes": ("pool_bytes", "kv_put"),
+        "shipped_segments": ("pool_segments", "ship"),
+        "pulled_segments": ("pool_segments", "pull"),
+        "put_segments": ("pool_segments", "put"),
+    }
+
+    def observe_pool(self, counters: dict[str, float]) -> None:
+        """Export the growth of the pool's counters since the last call."""
+        for name, (series, label) in self.POOL.items():
+            v = float(counters.get(name, 0))
+            delta = v - self._seen.get(name, 0.0)
+            if delta > 0:
+                key = "kind" if series == "pool_bytes" else "mode"
+                getattr(self, series).labels(**self._labels, **{key: label}).inc(delta)
+                self._seen[name] = v
+
     def observe_request(self, hit: int, miss: int) -> None:
         if hit:
             self.hit_tokens.inc(hit)

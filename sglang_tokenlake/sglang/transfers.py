@@ -223,6 +223,7 @@ class Transfers:
         if plan is not None:
             self.remote.attach(req, plan)
             cache.stats.shipped_tokens += plan.remote_tokens()
+            self.counters["shipped_segments"] += len(ship)
         cache.stats.pulled_tokens += len(pull) * S
         return len(run) * S, run[-1]
 

@@ -1,0 +1,319 @@
+"""Run one configuration: fresh workers + front end, warm-up, calibration, replay, counters.
+
+Every process started here is registered in ``LIVE`` and stopped in a ``finally``
+(Ctrl-C and errors included); ``stop_all()`` is also the harness's signal/atexit
+hook. Workers of one configuration are stopped before the next one starts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+
+from sglang_tokenlake.bench import counters
+from sglang_tokenlake.bench.frontends import Frontend
+from sglang_tokenlake.bench.load import RequestRecord, run_one, run_replay
+from sglang_tokenlake.bench.workloads import BenchWorkload
+from sglang_tokenlake.cluster import (
+    BROKER_PORT_OFFSET,
+    Worker,
+    WorkerSpec,
+    free_port,
+    start_workers,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    backend: str
+    """``radix`` (stock SGLang) or ``tokenlake``."""
+    frontend: str
+    """A key of ``frontends.FRONTENDS``."""
+
+
+CONFIGS: dict[str, Config] = {
+    "stock-rr": Config("stock-rr", "radix", "proxy-round_robin"),
+    "stock-cache-aware": Config("stock-cache-aware", "radix", "router-cache_aware"),
+    "tokenlake-rr": Config("tokenlake-rr", "tokenlake", "proxy-round_robin"),
+    "tokenlake-least-load": Config("tokenlake-least-load", "tokenlake", "proxy-least_load"),
+}
+
+
+@dataclass
+class ClusterSettings:
+    """What every configuration's workers share (same capacity, page size, flags)."""
+
+    model: str
+    workers: int = 3
+    page_size: int = 16
+    segment_size: int = 64
+    max_total_tokens: int = 12288
+    dtype: str = "float32"
+    device: Optional[str] = None
+    extra_args: list[str] = field(default_factory=list)
+    tokenlake_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)
+    rr_frontend: str = "proxy"
+    """``proxy`` (the harness's) or ``router`` (sglang-router --policy round_robin)."""
+    startup_timeout: float = 300.0
+    request_timeout: float = 600.0
+    warmup_requests: int = 4
+    calibration_requests: int = 3
+
+
+@dataclass
+class ConfigResult:
+    config: str
+    backend: str
+    frontend: str
+    workload: str
+    rate: float
+    records: list[RequestRecord]
+    workers: list[dict[str, Any]]
+    """Per worker: url and counter differences over the measured phase."""
+    calibration: list[dict[str, float]]
+    frontend_stats: Optional[dict[str, Any]]
+    startup_s: float
+    replay_s: float
+    log_dir: str
+
+
+class WorkerLost(RuntimeError):
+    """A worker or front end stopped during a configuration without the harness asking
+    (killed from outside, crashed); the configuration may be retried."""
+
+
+class Sentinel:
+    """Cheap liveness check of a configuration's processes while it is measured.
+
+    A process that exited, or a worker whose log shows a SIGTERM the harness did not
+    send (SGLang then drains and refuses new requests), ends the measurement.
+    """
+
+    def __init__(self, workers: Sequence[Worker], frontend: Optional[Frontend]) -> None:
+        self.workers = list(workers)
+        self.frontend = frontend
+        self.offsets = {w.name: _size(w.log_path) for w in self.workers}
+
+    def __call__(self) -> Optional[str]:
+        for w in self.workers:
+            if not w.alive():
+                return f"{w.name} exited during the run; log tail:\n{w.log_tail()}"
+            try:
+                with open(w.log_path, "rb") as f:
+                    f.seek(self.offsets[w.name])
+                    new = f.read()
+            except OSError:
+                continue
+            self.offsets[w.name] += len(new)
+            if b"SIGTERM received" in new:
+                return f"{w.name} received a SIGTERM from outside the harness; log tail:\n" \
+                       f"{w.log_tail()}"
+        fe = self.frontend
+        if fe is not None and fe.proc is not None and fe.proc.poll() is not None:
+            return f"front end {fe.kind} exited during the run; log tail:\n{fe.log_tail()}"
+        return None
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Live:
+    """Everything with a ``stop()`` that is running now."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def add(self, x: Any) -> Any:
+        self.items.append(x)
+        return x
+
+    def stop_all(self) -> None:
+        while self.items:
+            x = self.items.pop()
+            try:
+                x.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"warning: stopping {x!r}: {e}", flush=True)
+
+
+LIVE = _Live()
+
+
+def stop_all() -> None:
+    LIVE.stop_all()
+
+
+def _frontend_kind(cfg: Config, s: ClusterSettings) -> str:
+    if cfg.frontend == "proxy-round_robin" and s.rr_frontend == "router":
+        return "router-round_robin"
+    return cfg.frontend
+
+
+def worker_specs(cfg: Config, s: ClusterSettings, log_env: Optional[dict[str, str]] = None
+                 ) -> list[WorkerSpec]:
+    ports: list[int] = []
+    for _ in range(s.workers):
+        ports.append(free_port(avoid=ports))
+    args = ["--enable-metrics", *s.extra_args]
+    if cfg.backend == "tokenlake":
+        peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports)
+        args += ["--tokenlake-peers", peers, *s.tokenlake_args]
+    return [WorkerSpec(s.model, p, cfg.backend, page_size=s.page_size,
+                       segment_size=s.segment_size if cfg.backend == "tokenlake" else None,
+                       max_total_tokens=s.max_total_tokens, dtype=s.dtype, device=s.device,
+                       extra_args=list(args), env=dict(log_env or {})) for p in ports]
+
+
+def wait_pool(workers: Sequence[Worker], timeout: float = 60.0) -> None:
+    """Until every TokenLake worker sees all members alive."""
+    n = len(workers)
+    deadline = time.monotonic() + timeout
+    seen: list[Any] = []
+    while time.monotonic() < deadline:
+        seen = [counters.tokenlake_status(w.broker_addr) for w in workers]
+        if all(st and sum(m["alive"] for m in (st.get("pool") or {}).get("members", [])) == n
+               for st in seen):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"TokenLake pool did not form within {timeout}s: "
+                       f"{[(st or {}).get('pool') for st in seen]}")
+
+
+def warm_up(workers: Sequence[Worker], n: int, seed: int = 12345) -> None:
+    """``n`` short requests of random, never-repeated tokens on every worker (first-call costs)."""
+    if n <= 0:
+        return
+
+    def go(w: Worker) -> None:
+        rng = random.Random(f"{seed}-{w.spec.port}")
+        for k in range(n):
+            ids = [rng.randrange(3, 1024) for _ in range(64 + 192 * (k % 3))]
+            r = requests.post(w.url + "/generate", timeout=300, json={
+                "input_ids": ids,
+                "sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}})
+            r.raise_for_status()
+
+    with ThreadPoolExecutor(len(workers)) as ex:
+        list(ex.map(go, workers))
+
+
+def calibrate(worker: Worker, workload: BenchWorkload, k: int, timeout: float
+              ) -> list[dict[str, float]]:
+    """Prefill vs. whole-request time of ``k`` workload prompts, alone on an idle worker.
+
+    Each sampled prompt gets a calibration-only first token, so it misses the cache;
+    it is sent twice: the first (miss) gives TTFT ~ the full prefill and E2E; the
+    second (hit) gives TTFT with the prefix cached.
+    """
+    roots = [r for r in workload.requests if r.parent is None]
+    if k <= 0 or not roots:
+        return []
+    picks = [roots[int(i * len(roots) / k)] for i in range(min(k, len(roots)))]
+    out = []
+    for j, r in enumerate(picks):
+        ids = [1000 + j % 23, *r.input_ids[1:]]
+        miss = run_one(worker.url, ids, r.max_new_tokens, timeout)
+        hit = run_one(worker.url, ids, r.max_new_tokens, timeout)
+        if not (miss.ok and hit.ok):
+            raise RuntimeError(f"calibration request failed: {miss.error or hit.error}")
+        out.append({"prompt_tokens": len(ids), "output_tokens": r.max_new_tokens,
+                    "ttft_miss_s": miss.ttft_s, "e2e_miss_s": miss.e2e_s,
+                    "ttft_hit_s": hit.ttft_s, "e2e_hit_s": hit.e2e_s,
+                    "cached_tokens_hit": hit.cached_tokens})
+    return out
+
+
+def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir: str | Path,
+               on_done: Optional[Callable[[RequestRecord], None]] = None,
+               say: Callable[[str], None] = print,
+               on_replay: Optional[Callable[[], None]] = None) -> ConfigResult:
+    """Start, measure and stop one configuration (always stopped, also on errors)."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("*.log"):  # an earlier attempt's logs: kept aside, not mixed in
+        old.replace(old.with_name(old.name + ".prev"))
+    t0 = time.monotonic()
+    specs = worker_specs(cfg, s)
+    say(f"[{cfg.name}] starting {len(specs)} workers (--cache-backend {cfg.backend}); "
+        f"logs in {log_dir}")
+    workers: list[Worker] = []
+    frontend: Optional[Frontend] = None
+    try:
+        try:
+            workers = start_workers(specs, str(log_dir), timeout=s.startup_timeout)
+        except RuntimeError as e:
+            # Killed by a signal while starting (negative exit code): not its own fault.
+            if re.search(r"exited with code -\d+", str(e)):
+                raise WorkerLost(str(e)) from e
+            raise
+        for w in workers:
+            LIVE.add(w)
+        if cfg.backend == "tokenlake":
+            wait_pool(workers)
+        kind = _frontend_kind(cfg, s)
+        extra = s.router_args if kind.startswith("router") else []
+        frontend = Frontend(kind, [w.url for w in workers], log_dir, extra,
+                            avoid_ports=[w.spec.port for w in workers])
+        LIVE.add(frontend)
+        frontend.start()
+        sentinel = Sentinel(workers, frontend)
+        startup_s = time.monotonic() - t0
+        say(f"[{cfg.name}] ready in {startup_s:.0f}s; front end {kind} at {frontend.url}; "
+            f"warm-up and calibration")
+        warm_up(workers, s.warmup_requests)
+        calib = calibrate(workers[0], workload, s.calibration_requests, s.request_timeout)
+        brokers = [w.broker_addr if cfg.backend == "tokenlake" else None for w in workers]
+        urls = [w.url for w in workers]
+        before = counters.snapshot(urls, brokers)
+        fe_before = frontend.stats()
+        if on_replay is not None:
+            on_replay()
+        t1 = time.monotonic()
+        try:
+            records = run_replay(frontend.url, workload.requests, s.request_timeout, on_done,
+                                 sentinel)
+        except RuntimeError as e:
+            raise WorkerLost(str(e)) from e
+        replay_s = time.monotonic() - t1
+        after = counters.snapshot(urls, brokers)
+        fe_after = frontend.stats()
+        per_worker = [{"url": u, **d} for u, d in zip(urls, counters.diff(after, before))]
+        fe_stats = None
+        if fe_before and fe_after:
+            fe_stats = {"policy": fe_after.get("policy"),
+                        "sent": [a - b for a, b in zip(fe_after["sent"], fe_before["sent"])]}
+        lost = sentinel()
+        if lost:
+            raise WorkerLost(lost)
+        return ConfigResult(cfg.name, cfg.backend, kind, workload.name,
+                            float(workload.params.get("rate", 0.0)), records, per_worker, calib,
+                            fe_stats, round(startup_s, 2), round(replay_s, 2), str(log_dir))
+    except BaseException as e:
+        if workers and not isinstance(e, KeyboardInterrupt):
+            for w in workers:
+                if not w.alive():
+                    say(f"[{cfg.name}] {w.name} is not running; log tail:\n{w.log_tail()}")
+        raise
+    finally:
+        if frontend is not None:
+            frontend.stop()
+            if frontend in LIVE.items:
+                LIVE.items.remove(frontend)
+        for w in workers:
+            w.stop()
+            if w in LIVE.items:
+                LIVE.items.remove(w)

@@ -1,0 +1,132 @@
+"""Smoke test of the benchmark harness: real workers, real sglang-router, one command.
+
+Two workers, eight requests over two shared documents, three configurations that
+between them use every front end (proxy round-robin, sglang-router cache-aware,
+proxy least-load) and both cache backends. Speed is never asserted: only that the
+outputs exist, the numbers add up, outputs match token for token and every process
+the harness started is gone.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglang_tokenlake.bench.proxy import Balancer
+from sglang_tokenlake.bench.report import mismatches
+from sglang_tokenlake.bench.workloads import build
+from sglang_tokenlake.cluster import BROKER_PORT_OFFSET, port_is_free
+
+pytestmark = pytest.mark.server
+
+CONFIGS = ["stock-rr", "stock-cache-aware", "tokenlake-least-load"]
+
+
+def _bench(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sglang_tokenlake.bench", "--out", str(out),
+                           "--no-progress", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ports_of(log_root: Path) -> list[int]:
+    """HTTP ports of every worker and front end the run started (from its log names)."""
+    return [int(m.group(1)) for p in log_root.rglob("*.log")
+            if (m := re.search(r"-(\d+)\.log$", p.name))]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _bench(out, "--model", tiny_model, "--workers", "2", "--configs", *CONFIGS,
+                  "--workload", "docs", "--requests", "8", "--rates", "4",
+                  "--workload-arg", "docs.documents=2", "--workload-arg", "docs.doc_tokens=320",
+                  "--workload-arg", "docs.output_tokens=6", "--max-total-tokens", "4096",
+                  "--warmup", "1", "--calibration", "1")
+    return out, proc
+
+
+def test_one_command_writes_json_markdown_and_plots(run):
+    out, proc = run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("bench.json", "bench.md", "requests.jsonl", "docs_r4_summary.png",
+                 "docs_r4_ttft_cdf.png", "docs_r4_workers.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "bench.md").read_text()
+    assert "identical token for token" in md
+    for c in CONFIGS:
+        assert f"| {c} |" in md
+
+
+def test_numbers_are_sane(run):
+    out, proc = run
+    doc = json.loads((out / "bench.json").read_text())
+    assert [s["config"] for s in doc["summaries"]] == CONFIGS
+    assert doc["mismatches"] == [] and doc["failed_requests"] == 0
+    for s in doc["summaries"]:
+        assert s["completed"] == s["requests"] == 8
+        assert s["cached_tokens"] + s["tokens_prefilled"] == s["prompt_tokens"]
+        assert 0.0 <= s["hit_rate"] <= 1.0
+        assert s["throughput_rps"] > 0 and s["makespan_s"] > 0
+        assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] <= s["e2e_p99_s"]
+        assert s["output_tokens"] == sum(r.max_new_tokens for r in
+                                         build("docs", {"documents": 2, "doc_tokens": 320,
+                                                        "output_tokens": 6}).requests[:8])
+        # Every measured request was served by exactly one worker.
+        assert sum(s["worker_requests"]) == 8, s["worker_requests"]
+        assert len(s["worker_requests"]) == 2
+        assert s["load_cv_requests"] >= 0
+        assert 0 < s["calibration"]["prefill_share_uncached"] < 1
+    tl = doc["summaries"][2]
+    assert sum(tl["worker_tokenlake_hit_tokens"]) + sum(tl["worker_tokenlake_miss_tokens"]) > 0
+    # Eight questions over two documents: every configuration hits the cache.
+    assert all(s["cached_tokens"] > 0 for s in doc["summaries"])
+    assert len(doc["ratios"]) == 2  # tokenlake-least-load vs each stock configuration
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 8
+
+
+def test_every_process_is_stopped(run):
+    out, _ = run
+    ports = _ports_of(out / "logs")
+    assert len(ports) == 3 * (2 + 1)  # two workers and a front end per configuration
+    for p in ports:
+        assert port_is_free(p), f"port {p} still in use after the run"
+    for p in ports[:2]:
+        assert port_is_free(p + BROKER_PORT_OFFSET)
+
+
+def test_a_worker_that_fails_to_start_is_reported_and_cleaned_up(tiny_model, tmp_path):
+    proc = _bench(tmp_path, "--model", tiny_model, "--workers", "2", "--configs", "stock-rr",
+                  "--requests", "2", "--worker-args=--no-such-flag", "--startup-timeout", "120",
+                  timeout=300)
+    assert proc.returncode == 1
+    assert "no-such-flag" in proc.stderr  # the worker's log tail is shown
+    assert "stopped on an error" in proc.stderr
+    for p in _ports_of(tmp_path / "logs"):
+        assert port_is_free(p)
+
+
+def test_balancer_policies():
+    rr = Balancer(3, "round_robin")
+    assert [rr.pick() for _ in range(4)] == [0, 1, 2, 0]
+    ll = Balancer(3, "least_load")
+    a, b = ll.pick(), ll.pick()
+    assert (a, b) == (0, 1)
+    ll.release(a)
+    assert ll.pick() == 2 and ll.pick() == 0  # 2 is idle; then 0 (released) beats busy 1
+
+
+def test_mismatch_detection_names_the_request():
+    from sglang_tokenlake.bench.load import RequestRecord
+    from sglang_tokenlake.bench.runner import ConfigResult
+
+    def res(name, ids):
+        r = RequestRecord("docs-0", "doc0", output_ids=ids)
+        return ConfigResult(name, "radix", "x", "docs", 1.0, [r], [], [], None, 0, 0, "")
+
+    m = mismatches([res("a", [1, 2, 3]), res("b", [1, 2, 3]), res("c", [1, 9, 3])])
+    assert len(m) == 1 and m[0]["rid"] == "docs-0" and m[0]["first_diff"] == 1
+    assert m[0]["config"].startswith("c@")
