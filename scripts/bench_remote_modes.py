@@ -33,11 +33,10 @@ import requests  # noqa: E402
 
 from sglang_tokenlake.cli import fetch_status  # noqa: E402
 from sglang_tokenlake.cluster import (  # noqa: E402
-    BROKER_PORT_OFFSET,
-    WorkerSpec,
-    free_port,
+    PoolSpec,
     start_workers,
     stop_workers,
+    wait_pool,
 )
 from sglang_tokenlake.tiny_model import TinyModelSpec, build  # noqa: E402
 
@@ -61,18 +60,14 @@ def counters(w) -> dict:
 
 
 def run_mode(mode: str, model: str, seg: int, reqs_per_doc: int, docs: int, log_dir: str) -> dict:
-    ports: list[int] = []
-    for _ in range(3):
-        ports.append(free_port(avoid=ports))
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports)
-    args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
-            "--tokenlake-remote-mode", mode, "--tokenlake-log-interval", "0"]
-    specs = [WorkerSpec(model, p, "tokenlake", page_size=16, segment_size=seg,
-                        max_total_tokens=32768, extra_args=args) for p in ports]
+    args = ["--no-tokenlake-transient-copies", "--tokenlake-remote-mode", mode,
+            "--tokenlake-log-interval", "0"]
+    specs = PoolSpec.pick(3).worker_specs(model, extra_args=args, page_size=16,
+                                          segment_size=seg, max_total_tokens=32768)
     workers = start_workers(specs, f"{log_dir}/{mode}")
     out = {}
     try:
-        time.sleep(3)
+        wait_pool(workers)
         for name, wl in WORKLOADS.items():
             rng = random.Random(hash(name) & 0xFFFF)
             rows = []
@@ -91,7 +86,7 @@ def run_mode(mode: str, model: str, seg: int, reqs_per_doc: int, docs: int, log_
                     d = {k: after[2].get(k, 0) - before[2].get(k, 0) for k in BYTE_KEYS}
                     planned = {m: after[2].get(f"planned_{m}_segments", 0)
                                - before[2].get(f"planned_{m}_segments", 0)
-                               for m in ("ship", "pull", "recompute", "local")}
+                               for m in ("ship_query", "pull_kv", "recompute", "local")}
                     rows.append({"latency_s": dt, "cached": res["meta_info"]["cached_tokens"],
                                  "ship_bytes": d["query_bytes"] + d["partial_bytes"],
                                  "pull_bytes": d["pulled_bytes"], "planned": planned,

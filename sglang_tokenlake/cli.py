@@ -17,14 +17,10 @@ def _endpoint(addr: str) -> str:
 
 
 def client_for(addr: str, curve_dir: Optional[str] = None) -> Any:
+    from sglang_tokenlake.transport.auth import load_curve_keys
     from sglang_tokenlake.transport.client import Client
 
-    if not curve_dir:
-        return Client(_endpoint(addr))
-    from sglang_tokenlake.transport.auth import load_pool_keys
-
-    pub, sec = load_pool_keys(curve_dir)
-    return Client(_endpoint(addr), curve_server_key=pub, curve_public_key=pub, curve_secret_key=sec)
+    return Client(_endpoint(addr), curve=load_curve_keys(curve_dir))
 
 
 def fetch_status(addr: str, timeout: float = 5.0, curve_dir: Optional[str] = None,

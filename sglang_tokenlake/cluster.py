@@ -4,7 +4,8 @@
 
 starts the workers, prints their URLs and broker addresses, and stops every
 process it started on Ctrl-C. Tests, the demo and the benchmarks use the same
-``Worker`` class. On a host without CUDA the CPU flags are added
+``Worker`` class, ``PoolSpec`` (ports and ``--tokenlake-peers`` of a pool) and
+``wait_pool``. On a host without CUDA the CPU flags are added
 (``--device cpu --attention-backend torch_native ...``, see DESIGN notes).
 """
 
@@ -18,12 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TypeVar, Union
 
 BROKER_PORT_OFFSET = 1000
+"""A worker's broker listens on its HTTP port + this (``--tokenlake-port`` unset)."""
+
+T = TypeVar("T")
 
 CPU_FLAGS = [
     "--device", "cpu",
@@ -55,17 +59,113 @@ def port_is_free(port: int) -> bool:
 
 
 def free_port(avoid: Sequence[int] = (), start: int = 20000, end: int = 29000) -> int:
-    """A port p such that p and p + BROKER_PORT_OFFSET are free (the broker's default)."""
+    """A port p such that p and p + BROKER_PORT_OFFSET are free (the broker's default).
+
+    ``avoid`` holds HTTP ports already handed out: neither p nor its broker port
+    may collide with them or with their (not yet bound) broker ports.
+    """
     import random
 
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    taken = set(avoid) | {a + BROKER_PORT_OFFSET for a in avoid}
     for _ in range(2000):
         p = rng.randrange(start, end)
-        if p in avoid or p + BROKER_PORT_OFFSET in avoid:
+        if p in taken or p + BROKER_PORT_OFFSET in taken:
             continue
         if port_is_free(p) and port_is_free(p + BROKER_PORT_OFFSET):
             return p
     raise RuntimeError("no free port pair found")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """The HTTP ports of a pool's workers and the ``--tokenlake-peers`` they share.
+
+    ::
+
+        ports          20417            23051            26980          (HTTP, --port)
+        broker_addrs   127.0.0.1:21417  127.0.0.1:24051  127.0.0.1:27980  (+ BROKER_PORT_OFFSET)
+        peers          "127.0.0.1:21417,127.0.0.1:24051,127.0.0.1:27980"
+    """
+
+    ports: tuple[int, ...]
+    host: str = "127.0.0.1"
+
+    @classmethod
+    def pick(cls, n: int, host: str = "127.0.0.1", avoid: Sequence[int] = (),
+             base_port: int = 0) -> PoolSpec:
+        """``n`` workers on free ports (or ``base_port``, ``base_port + 1``, ... when given)."""
+        if base_port:
+            return cls(tuple(base_port + i for i in range(n)), host)
+        ports: list[int] = []
+        for _ in range(n):
+            ports.append(free_port(avoid=[*avoid, *ports]))
+        return cls(tuple(ports), host)
+
+    @property
+    def broker_addrs(self) -> list[str]:
+        return [f"{self.host}:{p + BROKER_PORT_OFFSET}" for p in self.ports]
+
+    @property
+    def peers(self) -> str:
+        return ",".join(self.broker_addrs)
+
+    def peer_args(self) -> list[str]:
+        """``--tokenlake-peers`` for each worker; none for a pool of one."""
+        return ["--tokenlake-peers", self.peers] if len(self.ports) > 1 else []
+
+    def worker_specs(self, model: str, *, extra_args: Sequence[str] = (),
+                     **fields: Any) -> list[WorkerSpec]:
+        """One TokenLake ``WorkerSpec`` per port: ``--tokenlake-peers`` + ``extra_args``;
+        ``fields`` are the other ``WorkerSpec`` fields (page_size, segment_size, env, ...)."""
+        fields.setdefault("cache_backend", "tokenlake")
+        args = [*self.peer_args(), *extra_args]
+        return [WorkerSpec(model, p, extra_args=list(args), **fields) for p in self.ports]
+
+
+def wait_until(pred: Callable[[], T], timeout: float, what: Union[str, Callable[[], str]],
+               interval: float = 0.25) -> T:
+    """Poll ``pred`` until it returns something truthy, and return that.
+
+    On timeout raise ``TimeoutError`` naming ``what`` (a callable is asked then, so
+    the message can show the last state seen).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            desc = what() if callable(what) else what
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {desc}")
+        time.sleep(interval)
+
+
+def wait_pool(workers: Sequence[Worker], timeout: float = 60.0,
+              curve_dir: Optional[str] = None) -> list[dict[str, Any]]:
+    """Until every worker's ``tokenlake status`` lists exactly ``workers`` as live
+    members; their statuses. A broker that does not answer yet counts as not formed."""
+    from sglang_tokenlake.cli import fetch_status
+
+    want = sorted(w.broker_addr for w in workers)
+    seen: dict[str, Any] = {}
+
+    def formed() -> Optional[list[dict[str, Any]]]:
+        sts = []
+        for w in workers:
+            try:
+                st = fetch_status(w.broker_addr, timeout=10, curve_dir=curve_dir)
+            except Exception as e:  # busy or still starting: ask again
+                seen[w.broker_addr] = repr(e)
+                return None
+            alive = sorted(m["id"] for m in (st.get("pool") or {}).get("members", [])
+                           if m["alive"])
+            seen[w.broker_addr] = alive
+            sts.append(st)
+        return sts if all(seen[w.broker_addr] == want for w in workers) else None
+
+    return wait_until(formed, timeout, lambda: f"the pool {want} to form; live members seen: "
+                      f"{seen}", interval=0.5)
 
 
 def cuda_available() -> bool:
@@ -183,6 +283,7 @@ class Worker:
         if self.proc is None:
             return
         self.kill(signal.SIGTERM)
+        self.kill(signal.SIGCONT)  # a test may have frozen it (SIGSTOP)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -227,13 +328,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more launch_server flags after --")
     a = p.parse_args(argv)
     extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
-    ports: list[int] = []
-    for i in range(a.workers):
-        ports.append(a.base_port + i if a.base_port else free_port(avoid=ports))
+    pool = PoolSpec.pick(a.workers, base_port=a.base_port)
     specs = [
         WorkerSpec(a.model, port, a.cache_backend, a.page_size, a.segment_size,
                    a.max_total_tokens, extra_args=list(extra))
-        for port in ports
+        for port in pool.ports
     ]
     workers = start_workers(specs, a.log_dir)
     for w in workers:

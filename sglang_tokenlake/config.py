@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
+from sglang_tokenlake.policy import PolicyConfig
+
 FLAG_PREFIX = "tokenlake"
+_POLICY = PolicyConfig()  # the policy's defaults are the flags' defaults
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -91,13 +94,33 @@ class TokenLakeConfig:
         "does not answer makes the request start over, recomputing or pulling instead.",
     )
     replica_budget: float = _f(
-        0.1,
+        _POLICY.replica_budget,
         "Share of the pool's KV capacity that extra replicas of hot segments may occupy "
         "(0 turns replication off). Hot segments are found by a sliding-window top-k "
-        "counter of segment accesses and get replicas in proportion to their share.",
+        "counter of segment accesses, merged over all members through heartbeats, and "
+        "get replicas in proportion to their pool-wide share.",
     )
     hot_window: int = _f(
-        4096, "Segment accesses the hotness estimate covers (a sliding window)."
+        _POLICY.hot_window,
+        "Segment accesses each member's hotness estimate covers (a sliding window).",
+    )
+    hot_k: int = _f(
+        _POLICY.hot_k,
+        "Counters of the hotness estimate (top-k); also how many hot segments each "
+        "heartbeat carries. Shares below 1/k cannot be told apart.",
+    )
+    replan_every: int = _f(
+        _POLICY.replan_every, "Requests (pool-wide) between replica plans."
+    )
+    placement_choices: int = _f(
+        _POLICY.placement_choices,
+        "A new segment is kept by whichever of its best N rendezvous homes has the "
+        "largest eviction horizon (announced with heartbeats); 1 always uses the first.",
+    )
+    pool_leaf_first: bool = _f(
+        _POLICY.pool_leaf_first,
+        "Keep the last copy in the pool of a segment whose children are cached somewhere "
+        "(evict another segment first): a prefix is usable only from its root.",
     )
     curve_dir: Optional[str] = _f(
         None,
@@ -143,6 +166,12 @@ class TokenLakeConfig:
             raise ValueError(f"--{FLAG_PREFIX}-replica-budget must be in [0, 1], got {self.replica_budget}")
         if self.hot_window < 16:
             raise ValueError(f"--{FLAG_PREFIX}-hot-window must be at least 16, got {self.hot_window}")
+        if self.hot_k < 2:
+            raise ValueError(f"--{FLAG_PREFIX}-hot-k must be at least 2, got {self.hot_k}")
+        if self.replan_every < 1 or self.placement_choices < 1:
+            raise ValueError(
+                f"--{FLAG_PREFIX}-replan-every and --{FLAG_PREFIX}-placement-choices must be at least 1"
+            )
         if self.max_inflight <= 0:
             raise ValueError(f"--{FLAG_PREFIX}-max-inflight must be positive, got {self.max_inflight}")
         if self.log_interval < 0:
@@ -185,6 +214,14 @@ class TokenLakeConfig:
             if hasattr(args, dest):
                 kw[f.name] = getattr(args, dest)
         return cls(**kw)
+
+    def policy(self) -> PolicyConfig:
+        """The pool policy's parameters (the record the simulator takes too)."""
+        return PolicyConfig(
+            replica_budget=self.replica_budget, hot_window=self.hot_window, hot_k=self.hot_k,
+            replan_every=self.replan_every, placement_choices=self.placement_choices,
+            pool_leaf_first=self.pool_leaf_first,
+        )
 
     def peer_list(self) -> list[str]:
         out = []

@@ -23,13 +23,7 @@ from typing import Optional
 import requests
 
 from sglang_tokenlake.cli import _print_pool_summary, _print_status, fetch_status
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    WorkerSpec,
-    free_port,
-    start_workers,
-    stop_workers,
-)
+from sglang_tokenlake.cluster import PoolSpec, start_workers, stop_workers, wait_pool
 from sglang_tokenlake.tiny_model import TinyModelSpec, build
 
 
@@ -64,23 +58,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print(f"== building the tiny model in {a.model_dir}")
     model = str(build(TinyModelSpec(size="tiny", dtype="float32"), a.model_dir))
-    ports: list[int] = []
-    for _ in range(a.workers):
-        ports.append(free_port(avoid=ports))
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports)
-    extra = ["--tokenlake-remote-mode", a.remote_mode]
-    if a.workers > 1:
-        extra += ["--tokenlake-peers", peers]
-    specs = [WorkerSpec(model, port, "tokenlake", page_size=a.page_size,
-                        segment_size=a.segment_size, max_total_tokens=16384, extra_args=extra)
-             for port in ports]
+    pool = PoolSpec.pick(a.workers)
+    specs = pool.worker_specs(model, extra_args=["--tokenlake-remote-mode", a.remote_mode],
+                              page_size=a.page_size, segment_size=a.segment_size,
+                              max_total_tokens=16384)
     print(f"== starting {a.workers} worker(s) with --cache-backend tokenlake "
           f"--tokenlake-segment-size {a.segment_size} (logs in {a.log_dir})")
     t0 = time.monotonic()
     workers = start_workers(specs, a.log_dir)
     try:
         print(f"   ready in {time.monotonic() - t0:.0f}s: " + ", ".join(w.url for w in workers))
-        time.sleep(2 if a.workers > 1 else 0)  # heartbeats: let the members find each other
+        wait_pool(workers)  # heartbeats: the members find each other
         rng = random.Random(0)
         docs = [[rng.randrange(3, 1024) for _ in range(a.doc_tokens)] for _ in range(a.documents)]
         print(f"\n== {a.documents} documents x {a.questions} questions; each document visits "

@@ -9,7 +9,7 @@ is served in one of four modes::
                 (2 * q_heads * head_dim * dtype + 4 * q_heads) * (new + output tokens)
                 (every prefill token and every decode step, both ways)
     PULL_KV     the owner sends the segment's K and V once; bytes per layer:
-                2 * kv_heads * head_dim * dtype * segment_tokens
+                2 * kv_heads * head_dim * dtype * segment_size
     RECOMPUTE   nobody holds it (or moving it costs more time than computing it):
                 the executor prefills those tokens again
 
@@ -182,7 +182,7 @@ def plan(
     executor: str,
     new_tokens: int,
     expected_output_tokens: int,
-    segment_tokens: int,
+    segment_size: int,
     shape: ModelShape = ModelShape(),
     costs: Costs = Costs(),
 ) -> list[Assignment]:
@@ -195,17 +195,17 @@ def plan(
         executor: the worker that runs the request.
         new_tokens: tokens the request prefills (its uncached suffix).
         expected_output_tokens: decode steps expected (each ships queries again).
-        segment_tokens: tokens per segment.
+        segment_size: tokens per segment.
 
     The serving worker of every non-RECOMPUTE assignment holds the segment
     (``worker in locations[key]``).
     """
     query_tokens = max(new_tokens, 1) + max(expected_output_tokens, 0)
     ship_b = shape.query_bytes(query_tokens)
-    seg_pull_b = shape.kv_bytes(segment_tokens)
+    seg_pull_b = shape.kv_bytes(segment_size)
     # One segment's work for its owner, in the mode a lone segment would take.
     if ship_b < seg_pull_b:
-        unit = costs.attn_s_per_token_pair * query_tokens * segment_tokens
+        unit = costs.attn_s_per_token_pair * query_tokens * segment_size
     else:
         unit = seg_pull_b / costs.bandwidth_Bps
 
@@ -224,7 +224,7 @@ def plan(
         pull_b = n * seg_pull_b
         best = Mode.SHIP_QUERY if ship_b < pull_b else Mode.PULL_KV
         move_s = min(ship_b, pull_b) / costs.bandwidth_Bps
-        if move_s > n * segment_tokens * costs.recompute_s_per_token:
+        if move_s > n * segment_size * costs.recompute_s_per_token:
             best = Mode.RECOMPUTE
         mode_of[w] = best
 

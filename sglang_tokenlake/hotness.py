@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Optional
 
 
@@ -166,7 +166,7 @@ class ReplicaPlanner:
 
     Args:
         budget_tokens: KV tokens (summed over the pool) that extra replicas may occupy.
-        segment_tokens: tokens per segment (each extra replica costs this many).
+        segment_size: tokens per segment (each extra replica costs this many).
         headroom: target per-replica share as a fraction of a worker's fair share
             ``1/num_workers``; 0.5 means a replica should carry at most half of it.
         max_replicas: cap per segment (default: the number of workers).
@@ -175,15 +175,15 @@ class ReplicaPlanner:
     def __init__(
         self,
         budget_tokens: int,
-        segment_tokens: int,
+        segment_size: int,
         *,
         headroom: float = 0.5,
         max_replicas: Optional[int] = None,
     ) -> None:
-        if segment_tokens <= 0 or headroom <= 0 or budget_tokens < 0:
-            raise ValueError("segment_tokens and headroom must be positive, budget >= 0")
+        if segment_size <= 0 or headroom <= 0 or budget_tokens < 0:
+            raise ValueError("segment_size and headroom must be positive, budget >= 0")
         self.budget_tokens = budget_tokens
-        self.segment_tokens = segment_tokens
+        self.segment_size = segment_size
         self.headroom = headroom
         self.max_replicas = max_replicas
 
@@ -196,11 +196,11 @@ class ReplicaPlanner:
         """Total copies (primary included) for each segment that gets extra replicas.
 
         Segments absent from the result keep exactly one copy (their primary home).
-        Cost: ``sum(copies - 1) * segment_tokens <= budget_tokens``.
+        Cost: ``sum(copies - 1) * segment_size <= budget_tokens``.
         """
         if num_workers <= 1:
             return {}
-        budget = self.budget_tokens // self.segment_tokens  # extra replicas we can afford
+        budget = self.budget_tokens // self.segment_size  # extra replicas we can afford
         want = {k: self.wanted(s, num_workers) for k, s in shares.items() if s > 0}
         heap = [(-s, 1, i, k) for i, (k, s) in enumerate(shares.items()) if want.get(k, 1) > 1]
         heapq.heapify(heap)
@@ -213,3 +213,33 @@ class ReplicaPlanner:
             if r < want[key]:
                 heapq.heappush(heap, (neg_per * (r - 1) / r, r, i, key))
         return copies
+
+
+HotView = tuple[Mapping[Hashable, int], int]
+"""One observer's heavy hitters: (key -> estimated accesses, accesses observed)."""
+
+
+def top_view(hh: HeavyHitters, n: int) -> HotView:
+    """The ``n`` most accessed keys of ``hh`` with their counts, and the accesses it covers
+    (what a live member sends with its heartbeats)."""
+    totals: dict[Hashable, int] = {}
+    for p in hh._parts():
+        for key, c, _ in p.items():
+            totals[key] = totals.get(key, 0) + c
+    top = heapq.nlargest(n, totals.items(), key=lambda kv: kv[1])
+    return dict(top), hh.observed
+
+
+def merge_shares(views: Sequence[HotView], min_share: float) -> dict[Hashable, float]:
+    """Pool-wide shares from several observers' views: summed counts over summed
+    observations; keys at or above ``min_share``, hottest first."""
+    total = sum(max(int(n), 0) for _, n in views)
+    if total <= 0:
+        return {}
+    counts: dict[Hashable, int] = {}
+    for c, _ in views:
+        for key, x in c.items():
+            counts[key] = counts.get(key, 0) + int(x)
+    out = [(k, x / total) for k, x in counts.items() if x / total >= min_share]
+    out.sort(key=lambda kv: -kv[1])
+    return dict(out)

@@ -13,7 +13,7 @@ pool; a buffer of the wrong size is refused before anything is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -83,3 +83,24 @@ def scatter(kvcache: Any, slots: torch.Tensor, data: torch.Tensor, layout: KVLay
     for layer in range(L):
         kvcache.k_buffer[layer].index_copy_(0, idx, k_part[layer])
         kvcache.v_buffer[layer].index_copy_(0, idx, v_part[layer])
+
+
+def merge_runs(values: list[Any], segment_size: int) -> list[torch.Tensor]:
+    """Slices of the slot runs ``(base, start)``, merging runs that continue each other.
+
+    A segment's slots are ``base[start : start + segment_size]``; the segments
+    inserted together share one ``base``, so a path usually merges into one slice.
+    """
+    out: list[torch.Tensor] = []
+    base: Optional[torch.Tensor] = None
+    lo = hi = 0
+    for b, start in values:
+        if b is base and start == hi:
+            hi += segment_size
+            continue
+        if base is not None:
+            out.append(base[lo:hi])
+        base, lo, hi = b, start, start + segment_size
+    if base is not None:
+        out.append(base[lo:hi])
+    return out

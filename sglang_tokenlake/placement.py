@@ -19,7 +19,7 @@ the member with the highest score is drawn with probability proportional to its
 weight (Schindelhauer & Schomaker, "Weighted distributed hash tables", 2005).
 The ``n`` highest scores are the segment's ``n`` homes (replicas), best first.
 
-Plain Python + xxhash: the live workers (``sglang/pool.py``) and the simulator
+Plain Python + xxhash: the live workers (``pool/link.py`` through ``policy.PoolPolicy``) and the simulator
 (``sim/``) call the same functions.
 """
 
@@ -148,7 +148,3 @@ class Placement:
                     del self._homes[k]
             h = self._homes[(key, n)] = _ranked(key, self._table, n)
         return list(h)
-
-    def with_members(self, members: Members) -> Placement:
-        """A fresh placement for a new live set (after a join, leave or capacity change)."""
-        return Placement(members, self._max_cached)

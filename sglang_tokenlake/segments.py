@@ -128,7 +128,3 @@ def keys_from_bytes(
         prev = xxh(raw[i * step : (i + 1) * step], prev)
         keys.append(prev)
     return keys
-
-
-def num_full_segments(num_tokens: int, segment_size: int) -> int:
-    return num_tokens // segment_size

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -284,13 +284,17 @@ class SegmentTree:
         else:
             self._evictable_leaves.discard(node)
 
-    def evict(self, num_tokens: int) -> list[tuple[SegmentNode, Any]]:
+    def evict(self, num_tokens: int,
+              keep: Optional[Callable[[SegmentNode], bool]] = None) -> list[tuple[SegmentNode, Any]]:
         """Drop local segments, least recently used leaves first, until at least
         ``num_tokens`` are freed or nothing evictable is left.
 
         Transient copies of segments another worker holds go first, wherever they
         sit in a chain (a hole is served by that worker); then leaves, transient
-        before designated, least recently used first.
+        before designated, least recently used first. A leaf for which ``keep``
+        is true (the pool-wide leaf-first rule: the last copy of a segment whose
+        children are cached elsewhere) is passed over while any other leaf can
+        go, and dropped only after all of them.
 
         Returns ``(node, value)`` for every dropped segment; the caller frees the
         values. A node with other owners stays in the tree as a remote entry.
@@ -308,9 +312,17 @@ class SegmentTree:
                 freed += self.segment_size
         heap = [(n.designated, n.last_access, n.id, n) for n in self._evictable_leaves]
         heapq.heapify(heap)
-        while freed < num_tokens and heap:
-            node = heapq.heappop(heap)[-1]
+        kept: list[tuple[bool, int, int, SegmentNode]] = []
+        while freed < num_tokens and (heap or kept):
+            if not heap:  # only passed-over leaves are left: drop them in order
+                heap, kept, keep = kept, [], None
+                heapq.heapify(heap)
+            entry = heapq.heappop(heap)
+            node = entry[-1]
             if node not in self._evictable_leaves:
+                continue
+            if keep is not None and keep(node):
+                kept.append(entry)
                 continue
             parent = node.parent  # read before _drop_local may prune the node
             out.append((node, self._drop_local(node)))
@@ -318,6 +330,17 @@ class SegmentTree:
             if parent is not None and parent in self._evictable_leaves:
                 heapq.heappush(heap, (parent.designated, parent.last_access, parent.id, parent))
         return out
+
+    def oldest_access(self) -> Optional[int]:
+        """``last_access`` of the least recently used evictable leaf (None: none)."""
+        if not self._evictable_leaves:
+            return None
+        return min(n.last_access for n in self._evictable_leaves)
+
+    @property
+    def clock(self) -> int:
+        """The access clock (``last_access`` values are readings of it)."""
+        return self._tick
 
     def drop(self, node: SegmentNode) -> Any:
         """Drop one unlocked local copy (whatever its place in the LRU); returns its value."""
@@ -359,22 +382,6 @@ class SegmentTree:
 
     # -- remote owners and pooled copies ---------------------------------------
 
-    def ensure_path(self, keys: Sequence[SegmentKey]) -> SegmentNode:
-        """The node of segment ``len(keys) - 1``, creating missing path nodes."""
-        node = self.root
-        for k in keys:
-            child = node.children.get(k)
-            node = child if child is not None else self._new_child(node, k)
-        return node
-
-    def add_owner(
-        self, keys: Sequence[SegmentKey], owner: str, *, upto: Optional[int] = None
-    ) -> SegmentNode:
-        """Record that ``owner`` holds segment ``len(keys[:upto]) - 1`` (creating path nodes)."""
-        node = self.ensure_path(keys[:upto])
-        node.owners.add(owner)
-        return node
-
     def add_owner_chain(self, keys: Sequence[SegmentKey], held: Sequence[int], owner: str) -> None:
         """``owner`` holds segments ``held`` (indices into ``keys``) of the chain ``keys``."""
         if not held:
@@ -387,10 +394,6 @@ class SegmentTree:
             if i in want:
                 node.owners.add(owner)
 
-    def remove_owner(self, node: SegmentNode, owner: str) -> None:
-        node.owners.discard(owner)
-        self._prune(node)
-
     def remove_owner_keys(self, keys: Sequence[SegmentKey], owner: str) -> int:
         """Forget that ``owner`` holds the segments ``keys``; returns how many it held."""
         n = 0
@@ -398,7 +401,8 @@ class SegmentTree:
             node = self.nodes.get(k)
             if node is not None and owner in node.owners:
                 n += 1
-                self.remove_owner(node, owner)
+                node.owners.discard(owner)
+                self._prune(node)
         return n
 
     def drop_owner(self, owner: str) -> int:
@@ -419,7 +423,10 @@ class SegmentTree:
         Returns ``(node, adopted)``; ``adopted`` is False when the segment was
         local already (the caller keeps ``value`` and frees it).
         """
-        node = self.ensure_path(keys)
+        node = self.root
+        for k in keys:  # the path, created where missing
+            child = node.children.get(k)
+            node = child if child is not None else self._new_child(node, k)
         if node.value is not None:
             return node, False
         assert node.parent is not None

@@ -3,18 +3,60 @@
 from __future__ import annotations
 
 import random
-import time
-from typing import Any, Optional
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple, Optional
 
 import requests
 
 from sglang_tokenlake.cli import fetch_status
+from sglang_tokenlake.cluster import (
+    PoolSpec,
+    Worker,
+    WorkerSpec,
+    free_port,
+    start_workers,
+    stop_workers,
+    wait_pool,
+    wait_until,
+)
 
 # Servers started by tests fail loudly on any slot leak SGLang itself can see.
 STRICT_ENV = {
     "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
     "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1",
 }
+
+
+class Pool(NamedTuple):
+    workers: list[Worker]
+    """The TokenLake workers, joined in one pool."""
+    stock: Optional[Worker]
+    """A stock ``radix`` worker with the same page size (outputs to compare with), if asked."""
+    spec: PoolSpec
+
+
+@contextmanager
+def running_pool(model: str, log_dir: str, n: int, *, pool_args: Sequence[str] = (),
+                 page_size: int = 16, segment_size: int = 32, max_total_tokens: int = 16384,
+                 stock: bool = False, curve_dir: Optional[str] = None) -> Iterator[Pool]:
+    """``n`` TokenLake workers (``--tokenlake-peers`` + ``pool_args``, strict memory checks;
+    with ``curve_dir``, CURVE keys) and optionally a stock worker; yields once every worker
+    sees all ``n`` members alive. Stops them all on the way out, frozen ones too."""
+    spec = PoolSpec.pick(n)
+    args = [*pool_args, *(["--tokenlake-curve-dir", curve_dir] if curve_dir else [])]
+    specs = spec.worker_specs(model, extra_args=args, page_size=page_size,
+                              segment_size=segment_size, max_total_tokens=max_total_tokens,
+                              env=STRICT_ENV)
+    if stock:
+        specs.append(WorkerSpec(model, free_port(avoid=spec.ports), "radix", page_size=page_size,
+                                max_total_tokens=max_total_tokens, env=STRICT_ENV))
+    workers = start_workers(specs, log_dir)
+    try:
+        wait_pool(workers[:n], timeout=60, curve_dir=curve_dir)
+        yield Pool(workers[:n], workers[n] if stock else None, spec)
+    finally:
+        stop_workers(workers)
 
 
 def generate(url: str, input_ids: list[int], max_new_tokens: int = 16,
@@ -45,14 +87,15 @@ def random_tokens(rng: random.Random, n: int, vocab: int = 1024) -> list[int]:
 
 def wait_idle_status(broker_addr: str, timeout: float = 30.0) -> dict:
     """The worker's status once no request holds slots (the invariant's moment)."""
-    deadline = time.monotonic() + timeout
-    st: Optional[dict] = None
-    while time.monotonic() < deadline:
+    last: list[dict] = []
+
+    def idle() -> Optional[dict]:
         st = fetch_status(broker_addr, timeout=10)
-        if st["memory"]["held_by_requests"] == 0 and st["memory"]["locked"] == 0:
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"worker never went idle: {st}")
+        last[:] = [st]
+        m = st["memory"]
+        return st if m["held_by_requests"] == 0 and m["locked"] == 0 else None
+
+    return wait_until(idle, timeout, lambda: f"{broker_addr} to go idle: {last}", interval=0.5)
 
 
 def assert_memory_invariant(st: dict) -> None:

@@ -23,7 +23,7 @@ def test_byte_costs_of_the_default_shape():
 def _plan(segs, locations, loads, new, out, costs=None):
     costs = costs or Costs()
     return plan(segs, locations, loads, executor="e", new_tokens=new,
-                expected_output_tokens=out, segment_tokens=SEG, shape=SHAPE, costs=costs)
+                expected_output_tokens=out, segment_size=SEG, shape=SHAPE, costs=costs)
 
 
 def test_long_prompt_pulls_kv_and_balances_replicas():
@@ -119,7 +119,7 @@ def test_never_assigns_a_segment_to_a_worker_that_lacks_it():
         ex = rng.choice(workers)
         loads = {w: rng.uniform(0, 2) for w in workers}
         out = plan(segs, locations, loads, executor=ex, new_tokens=rng.randint(1, 5000),
-                   expected_output_tokens=rng.randint(0, 500), segment_tokens=SEG)
+                   expected_output_tokens=rng.randint(0, 500), segment_size=SEG)
         assert [a.key for a in out] == segs
         for a in out:
             if a.mode is Mode.RECOMPUTE:

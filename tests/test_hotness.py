@@ -79,7 +79,7 @@ def test_hot_segments_cool_down_after_one_window():
 
 
 def test_replica_planner_proportional_and_budgeted():
-    planner = ReplicaPlanner(budget_tokens=10 * 256, segment_tokens=256, headroom=0.5)
+    planner = ReplicaPlanner(budget_tokens=10 * 256, segment_size=256, headroom=0.5)
     # 16 workers: fair share 1/16; target per replica 0.5/16 = 0.03125.
     assert planner.wanted(0.2, 16) == 7
     assert planner.wanted(0.03, 16) == 1
@@ -90,7 +90,7 @@ def test_replica_planner_proportional_and_budgeted():
 
 
 def test_replica_planner_water_fills_when_short_of_budget():
-    planner = ReplicaPlanner(budget_tokens=4 * 100, segment_tokens=100, headroom=0.5)
+    planner = ReplicaPlanner(budget_tokens=4 * 100, segment_size=100, headroom=0.5)
     plan = planner.plan({"a": 0.4, "b": 0.2, "c": 0.1}, 64)
     # Extra replicas go to the largest share per copy: a (.4) -> 2 copies (.2 each); a and b
     # tie at .2 and the one with fewer copies goes first: b -> 2 (.1); a -> 3 (.133); a -> 4.

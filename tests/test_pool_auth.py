@@ -5,17 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from serving import STRICT_ENV, generate, random_tokens
+from serving import generate, random_tokens, running_pool
 
 from sglang_tokenlake.cli import fetch_status
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    WorkerSpec,
-    free_port,
-    start_workers,
-    stop_workers,
-)
-from sglang_tokenlake.transport.auth import keygen
+from sglang_tokenlake.transport.auth import keygen, load_curve_keys
 from sglang_tokenlake.transport.client import Client
 
 pytestmark = pytest.mark.server
@@ -33,28 +26,14 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(tiny_model, log_dir, keys):
-    p1 = free_port()
-    p2 = free_port(avoid=[p1])
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in (p1, p2))
-    args = ["--tokenlake-peers", peers, "--tokenlake-curve-dir", keys,
-            "--tokenlake-remote-mode", "pull"]
-    specs = [WorkerSpec(tiny_model, p, "tokenlake", page_size=16, segment_size=32,
-                        max_total_tokens=8192, env=STRICT_ENV, extra_args=args) for p in (p1, p2)]
-    workers = start_workers(specs, log_dir)
-    yield workers
-    stop_workers(workers)
+    # The pool forms (checked with the keys) before any test runs.
+    with running_pool(tiny_model, log_dir, 2, segment_size=32, max_total_tokens=8192,
+                      curve_dir=keys, pool_args=["--tokenlake-remote-mode", "pull"]) as pool:
+        yield pool.workers
 
 
 def test_authenticated_pool_shares_segments(pair, keys):
     a, b = pair
-    import time
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        st = fetch_status(a.broker_addr, curve_dir=keys)
-        if sum(m["alive"] for m in st["pool"]["members"]) == 2:
-            break
-        time.sleep(0.5)
     rng = random.Random(30)
     doc = random_tokens(rng, 300)
     generate(a.url, doc + [1], 4)
@@ -69,13 +48,8 @@ def test_unauthenticated_peer_gets_nothing(pair, tmp_path):
         for kind in ("ping", "status", "get", "hello"):
             with pytest.raises(TimeoutError):
                 c.request(kind, {"from": "x:1", "keys": [1]}, timeout=1.5)
-    other = keygen(str(tmp_path / "other"))  # valid CURVE, but not the pool's keys
-    import zmq.auth
-
-    pub, sec = zmq.auth.load_certificate(str(other[1]))
-    server_pub, _ = zmq.auth.load_certificate(str(other[0]))
-    with Client(f"tcp://{a.broker_addr}", curve_server_key=server_pub, curve_public_key=pub,
-                curve_secret_key=sec) as c:
+    keygen(str(tmp_path / "other"))  # valid CURVE, but not the pool's keys
+    with Client(f"tcp://{a.broker_addr}", curve=load_curve_keys(str(tmp_path / "other"))) as c:
         with pytest.raises(TimeoutError):
             c.request("ping", timeout=1.5)
 

@@ -6,20 +6,13 @@ own test module).
 """
 
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import STRICT_ENV, assert_memory_invariant, generate, random_tokens, wait_idle_status
+from serving import assert_memory_invariant, generate, random_tokens, running_pool, wait_idle_status
 
 from sglang_tokenlake.cli import fetch_status
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    WorkerSpec,
-    free_port,
-    start_workers,
-    stop_workers,
-)
+from sglang_tokenlake.cluster import wait_until
 
 pytestmark = pytest.mark.server
 SEG = 32
@@ -27,32 +20,10 @@ SEG = 32
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, log_dir):
-    ports: list[int] = []
-    for _ in range(4):
-        ports.append(free_port(avoid=ports))
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports[:3])
-    pool_args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
-                 "--tokenlake-remote-mode", "pull", "--tokenlake-replica-budget", "0"]
-    specs = [
-        WorkerSpec(tiny_model, p, "tokenlake", page_size=16, segment_size=SEG,
-                   max_total_tokens=16384, env=STRICT_ENV, extra_args=pool_args)
-        for p in ports[:3]
-    ] + [WorkerSpec(tiny_model, ports[3], "radix", page_size=16, max_total_tokens=16384,
-                    env=STRICT_ENV)]
-    workers = start_workers(specs, log_dir)
-    _wait_members(workers[:3], 3)
-    yield workers[:3], workers[3]
-    stop_workers(workers)
-
-
-def _wait_members(workers, n, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sts = [fetch_status(w.broker_addr) for w in workers]
-        if all(sum(m["alive"] for m in st["pool"]["members"]) == n for st in sts):
-            return sts
-        time.sleep(0.5)
-    raise AssertionError(f"members never converged: {[st['pool']['members'] for st in sts]}")
+    with running_pool(tiny_model, log_dir, 3, segment_size=SEG, stock=True, pool_args=[
+            "--no-tokenlake-transient-copies", "--tokenlake-remote-mode", "pull",
+            "--tokenlake-replica-budget", "0"]) as pool:
+        yield pool.workers, pool.stock
 
 
 def test_prefix_computed_on_one_worker_is_a_hit_on_another(cluster):
@@ -80,14 +51,18 @@ def test_the_pool_holds_each_segment_once(cluster):
     for i, doc in enumerate(docs):
         for j, w in enumerate(workers):
             generate(w.url, doc + [i, j, 3], 4)
-    deadline = time.monotonic() + 15
-    while True:
+    seen: dict = {}
+
+    def settled():  # copies put to their homes have arrived, surplus ones are dropped
         sts = [fetch_status(w.broker_addr, keys=True) for w in workers]
-        designated = [k for st in sts for k in st["designated_keys"]]
-        local = sum(st["local_segments"] for st in sts)
-        if local == len(set(designated)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        seen["designated"] = [k for st in sts for k in st["designated_keys"]]
+        seen["local"] = sum(st["local_segments"] for st in sts)
+        return sts if seen["local"] == len(set(seen["designated"])) else None
+
+    sts = wait_until(settled, 15, lambda: f"one copy per segment: local={seen['local']}, "
+                     f"designated={len(seen['designated'])} ({len(set(seen['designated']))} distinct)",
+                     interval=0.5)
+    designated, local = seen["designated"], seen["local"]
     assert len(designated) == len(set(designated)), "a segment is designated on two workers"
     assert local == len(set(designated)), (local, len(set(designated)))
     # Every worker is home to a share of the segments.

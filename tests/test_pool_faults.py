@@ -9,17 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import msgpack
 import pytest
 import zmq
-from serving import STRICT_ENV, assert_memory_invariant, generate, random_tokens, wait_idle_status
+from serving import assert_memory_invariant, generate, random_tokens, running_pool, wait_idle_status
 
 from sglang_tokenlake.cli import fetch_status
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    Worker,
-    WorkerSpec,
-    free_port,
-    start_workers,
-    stop_workers,
-)
+from sglang_tokenlake.cluster import Worker, wait_until
 from sglang_tokenlake.transport.client import Client
 from sglang_tokenlake.transport.frames import encode
 
@@ -30,35 +23,22 @@ PEER_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, log_dir):
-    ports: list[int] = []
-    for _ in range(4):
-        ports.append(free_port(avoid=ports))
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports[:3])
-    pool_args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
-                 "--tokenlake-peer-timeout", str(PEER_TIMEOUT),
-                 "--tokenlake-heartbeat-interval", "0.3", "--tokenlake-pull-timeout", "1.5"]
-    specs = [
-        WorkerSpec(tiny_model, p, "tokenlake", page_size=16, segment_size=SEG,
-                   max_total_tokens=16384, env=STRICT_ENV, extra_args=pool_args)
-        for p in ports[:3]
-    ] + [WorkerSpec(tiny_model, ports[3], "radix", page_size=16, max_total_tokens=16384,
-                    env=STRICT_ENV)]
-    workers = start_workers(specs, log_dir)
-    yield workers[:3], workers[3]
-    stop_workers(workers)
+    with running_pool(tiny_model, log_dir, 3, segment_size=SEG, stock=True, pool_args=[
+            "--no-tokenlake-transient-copies", "--tokenlake-peer-timeout", str(PEER_TIMEOUT),
+            "--tokenlake-heartbeat-interval", "0.3", "--tokenlake-pull-timeout", "1.5",
+            # strict homes: a rejoining member must get its segments handed over (with two
+            # choices a survivor stays one of its segments' top-2 homes and nothing moves)
+            "--tokenlake-placement-choices", "1"]) as pool:
+        yield pool.workers, pool.stock
 
 
 def _alive_members(w):
     return {m["id"] for m in fetch_status(w.broker_addr)["pool"]["members"] if m["alive"]}
 
 
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+def _running(*workers) -> bool:
+    """Does a request hold slots on any of ``workers`` right now?"""
+    return any(fetch_status(w.broker_addr)["memory"]["held_by_requests"] > 0 for w in workers)
 
 
 def _malformed_messages(rng: random.Random, member: str, n: int):
@@ -139,12 +119,12 @@ def test_unknown_peer_is_refused(cluster):
 
 def test_sigkill_a_home_while_requests_run_then_it_rejoins(cluster, tiny_model, log_dir):
     (a, b, c), stock = cluster
-    _wait(lambda: len(_alive_members(a)) == 3, 30, "3 live members")
+    wait_until(lambda: len(_alive_members(a)) == 3, 30, "3 live members")
     rng = random.Random(21)
     docs = [random_tokens(rng, 320) for _ in range(6)]
     for doc in docs:  # computed on A: segments homed at B and C are put there
         generate(a.url, doc + [1, 2], 2)
-    _wait(lambda: fetch_status(c.broker_addr)["pool"]["designated_segments"] > 0, 15,
+    wait_until(lambda: fetch_status(c.broker_addr)["pool"]["designated_segments"] > 0, 15,
           "C to hold segments")
     jobs = [(rng.choice(docs) + random_tokens(rng, rng.randint(2, 10)), rng.choice([a, b]))
             for _ in range(48)]
@@ -158,7 +138,7 @@ def test_sigkill_a_home_while_requests_run_then_it_rejoins(cluster, tiny_model, 
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(run, j) for j in jobs]
-        time.sleep(0.5)
+        wait_until(lambda: _running(a, b), 30, "requests to run on A or B", interval=0.02)
         c.kill(signal.SIGKILL)
         killed_at = time.monotonic()
         results = [f.result(timeout=180) for f in futures]
@@ -166,7 +146,7 @@ def test_sigkill_a_home_while_requests_run_then_it_rejoins(cluster, tiny_model, 
         assert out["output_ids"] == want
         assert took < 60
     # The dead home leaves the placement within the peer timeout (+ heartbeat slack).
-    _wait(lambda: c.broker_addr not in _alive_members(a), PEER_TIMEOUT + 3, "C to leave")
+    wait_until(lambda: c.broker_addr not in _alive_members(a), PEER_TIMEOUT + 3, "C to leave")
     assert time.monotonic() - killed_at < 60
     for w in (a, b):
         assert_memory_invariant(wait_idle_status(w.broker_addr))
@@ -179,8 +159,8 @@ def test_sigkill_a_home_while_requests_run_then_it_rejoins(cluster, tiny_model, 
     c2 = Worker(c.spec, log_dir, name=c.name + "-restarted").start()
     try:
         c2.wait_ready()
-        _wait(lambda: c.broker_addr in _alive_members(a), 20, "C to rejoin")
-        _wait(lambda: _designated(c2) and before <= _designated(a) | _designated(b) | _designated(c2),
+        wait_until(lambda: c.broker_addr in _alive_members(a), 20, "C to rejoin")
+        wait_until(lambda: _designated(c2) and before <= _designated(a) | _designated(b) | _designated(c2),
               15, "segments homed at C to move there")
         assert before & _designated(c2)
         ids = docs[0] + [9, 9, 9]

@@ -1,19 +1,12 @@
 """Hot segments get replicas beyond their home; cold ones keep one copy."""
 
 import random
-import time
 
 import pytest
-from serving import STRICT_ENV, generate, random_tokens
+from serving import generate, random_tokens, running_pool
 
 from sglang_tokenlake.cli import fetch_status
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    WorkerSpec,
-    free_port,
-    start_workers,
-    stop_workers,
-)
+from sglang_tokenlake.cluster import wait_until
 from sglang_tokenlake.segments import request_namespace, segment_keys
 
 pytestmark = pytest.mark.server
@@ -22,22 +15,26 @@ SEG = 32
 
 @pytest.fixture(scope="module")
 def workers(tiny_model, log_dir):
-    ports: list[int] = []
-    for _ in range(3):
-        ports.append(free_port(avoid=ports))
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports)
-    args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
-            "--tokenlake-remote-mode", "pull", "--tokenlake-hot-window", "64"]
-    ws = start_workers([WorkerSpec(tiny_model, p, "tokenlake", page_size=16, segment_size=SEG,
-                                   max_total_tokens=16384, env=STRICT_ENV, extra_args=args)
-                        for p in ports], log_dir)
-    yield ws
-    stop_workers(ws)
+    with running_pool(tiny_model, log_dir, 3, segment_size=SEG, pool_args=[
+            "--no-tokenlake-transient-copies", "--tokenlake-remote-mode", "pull",
+            "--tokenlake-hot-window", "64", "--tokenlake-replan-every", "8"]) as pool:
+        yield pool.workers
 
 
 def _holders(workers, keys):
     sts = [fetch_status(w.broker_addr, keys=True) for w in workers]
     return sts, {k: sum(k in st["designated_keys"] for st in sts) for k in keys}
+
+
+def _wait_pool_requests(workers, n: int) -> None:
+    """Until every worker counts ``n`` requests pool-wide (its own + its peers' beacons)."""
+    seen: list[int] = []
+
+    def counted() -> bool:
+        seen[:] = [fetch_status(w.broker_addr)["pool"]["pool_requests"] for w in workers]
+        return all(c >= n for c in seen)
+
+    wait_until(counted, 15, lambda: f"{n} pool-wide requests on every worker: {seen}")
 
 
 def test_hot_segments_get_replicas_and_cold_ones_do_not(workers):
@@ -51,17 +48,20 @@ def test_hot_segments_get_replicas_and_cold_ones_do_not(workers):
         ids = hot + random_tokens(rng, 20)
         out = generate(workers[i % 3].url, ids, 2)
         outs.append(out)
-        if i == 20:
-            time.sleep(2.5)  # replica counts are replanned every second
+        if i == 20:  # every worker hears the others' hotness (beacons) before replanning
+            _wait_pool_requests(workers, 2 + i)
     assert all(o["meta_info"]["cached_tokens"] == 2 * SEG for o in outs[3:])
     hot_keys = {f"{k:016x}" for k in segment_keys(hot, SEG, request_namespace(model))}
     cold_keys = {f"{k:016x}" for k in segment_keys(cold, SEG, request_namespace(model))}
-    deadline = time.monotonic() + 15
-    while True:
-        sts, holders = _holders(workers, hot_keys)
-        if all(n >= 2 for n in holders.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    seen: dict = {}
+
+    def replicated() -> bool:
+        seen["sts"], seen["holders"] = _holders(workers, hot_keys)
+        return all(n >= 2 for n in seen["holders"].values())
+
+    wait_until(replicated, 15, lambda: f"two holders per hot segment: {seen['holders']}",
+               interval=0.5)
+    sts, holders = seen["sts"], seen["holders"]
     assert all(n >= 2 for n in holders.values()), holders
     assert any(st["pool"]["replicas_planned"] > 0 for st in sts)
     _, cold_holders = _holders(workers, cold_keys)

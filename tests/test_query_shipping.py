@@ -13,16 +13,10 @@ import threading
 import time
 
 import pytest
-from serving import STRICT_ENV, assert_memory_invariant, generate, random_tokens, wait_idle_status
+from serving import assert_memory_invariant, generate, random_tokens, running_pool, wait_idle_status
 
 from sglang_tokenlake.cli import fetch_status
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    WorkerSpec,
-    free_port,
-    start_workers,
-    stop_workers,
-)
+from sglang_tokenlake.cluster import wait_until
 from sglang_tokenlake.placement import homes
 from sglang_tokenlake.segments import request_namespace, segment_keys
 
@@ -34,34 +28,14 @@ QUERY_TIMEOUT = 1.5
 @pytest.fixture(scope="module", params=[1, 16], ids=["page1", "page16"])
 def pool(request, tiny_model, log_dir):
     page = request.param
-    ports: list[int] = []
-    for _ in range(5):
-        ports.append(free_port(avoid=ports))
-    peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports[:4])
-    args = ["--tokenlake-peers", peers, "--no-tokenlake-transient-copies",
-            "--tokenlake-remote-mode", "ship", "--tokenlake-query-timeout", str(QUERY_TIMEOUT),
-            "--tokenlake-peer-timeout", "30", "--enable-metrics"]
-    specs = [WorkerSpec(tiny_model, p, "tokenlake", page_size=page, segment_size=SEGMENT[page],
-                        max_total_tokens=16384, env=STRICT_ENV, extra_args=args)
-             for p in ports[:4]]
-    specs.append(WorkerSpec(tiny_model, ports[4], "radix", page_size=page,
-                            max_total_tokens=16384, env=STRICT_ENV))
-    workers = start_workers(specs, log_dir)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if all(sum(m["alive"] for m in fetch_status(w.broker_addr)["pool"]["members"]) == 4
-               for w in workers[:4]):
-            break
-        time.sleep(0.5)
-    yield {"page": page, "seg": SEGMENT[page], "workers": workers[:4], "stock": workers[4],
-           "model": tiny_model}
-    for w in workers:
-        if w.proc is not None and w.proc.poll() is None:
-            try:
-                os.killpg(w.proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-    stop_workers(workers)
+    args = ["--no-tokenlake-transient-copies", "--tokenlake-remote-mode", "ship",
+            "--tokenlake-query-timeout", str(QUERY_TIMEOUT), "--tokenlake-peer-timeout", "30",
+            "--enable-metrics"]
+    # A worker frozen by a test (SIGSTOP) is thawed and stopped by running_pool.
+    with running_pool(tiny_model, log_dir, 4, page_size=page, segment_size=SEGMENT[page],
+                      stock=True, pool_args=args) as p:
+        yield {"page": page, "seg": SEGMENT[page], "workers": p.workers, "stock": p.stock,
+               "model": tiny_model}
 
 
 def _doc_with_owners(pool, n_owners: int, seed: int, n_seg: int = 6):
@@ -78,12 +52,28 @@ def _doc_with_owners(pool, n_owners: int, seed: int, n_seg: int = 6):
     raise AssertionError("no document found")
 
 
+def _compute_and_send_home(pool, doc) -> None:
+    """Compute ``doc`` on worker 0; wait until every segment of it is held by a home
+    (designated there: the copies worker 0 puts to other homes have arrived)."""
+    ws = pool["workers"]
+    generate(ws[0].url, doc, 2)
+    keys = {f"{k:016x}" for k in segment_keys(doc, pool["seg"], request_namespace(pool["model"]))}
+    missing: set[str] = set()
+
+    def at_homes() -> bool:
+        held = set().union(*(fetch_status(w.broker_addr, keys=True)["designated_keys"] for w in ws))
+        missing.clear()
+        missing.update(keys - held)
+        return not missing
+
+    wait_until(at_homes, 15, lambda: f"segments at their homes; {len(missing)} missing")
+
+
 @pytest.mark.parametrize("n_owners", [1, 2, 3])
 def test_outputs_identical_to_stock_with_prefix_split_over_owners(pool, n_owners):
     ws, stock, seg = pool["workers"], pool["stock"], pool["seg"]
     doc, owners = _doc_with_owners(pool, n_owners, seed=100 + n_owners)
-    generate(ws[0].url, doc, 2)  # computed on worker 0; non-home segments go home
-    time.sleep(0.5)
+    _compute_and_send_home(pool, doc)  # computed on worker 0; non-home segments go home
     before = fetch_status(ws[3].broker_addr)["pool"]["counters"]
     ids = doc + random_tokens(random.Random(n_owners), 7)
     out = generate(ws[3].url, ids, 72)  # prefill of the question + 72 decode steps
@@ -119,19 +109,21 @@ def test_pool_traffic_is_exported_as_metrics(pool):
     w = pool["workers"][3]
     c: dict = {}
     got: dict = {}
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def exported() -> bool:
         generate(w.url, [5, 6, 7], 1)  # keeps the scheduler loop (and its export) running
-        c = fetch_status(w.broker_addr)["pool"]["counters"]
+        c.clear()
+        c.update(fetch_status(w.broker_addr)["pool"]["counters"])
         text = requests.get(w.url + "/metrics", timeout=10).text
-        got = {"query_bytes": _series(text, "sglang:tokenlake_pool_bytes_total", 'kind="query"'),
-               "partial_bytes": _series(text, "sglang:tokenlake_pool_bytes_total",
-                                        'kind="partial"'),
-               "shipped_segments": _series(text, "sglang:tokenlake_pool_segments_total",
-                                           'mode="ship"')}
-        if all(got[k] == c.get(k, 0) for k in got):
-            break
-        time.sleep(0.5)
+        got.update({
+            "query_bytes": _series(text, "sglang:tokenlake_pool_bytes_total", 'kind="query"'),
+            "partial_bytes": _series(text, "sglang:tokenlake_pool_bytes_total", 'kind="partial"'),
+            "shipped_segments": _series(text, "sglang:tokenlake_pool_segments_total",
+                                        'mode="ship"')})
+        return all(got[k] == c.get(k, 0) for k in got)
+
+    wait_until(exported, 20, lambda: f"/metrics {got} to match the status counters {c}",
+               interval=0.5)
     assert c.get("query_bytes", 0) > 0 and c.get("shipped_segments", 0) > 0
     assert got == {k: float(c.get(k, 0)) for k in got}
 
@@ -139,8 +131,7 @@ def test_pool_traffic_is_exported_as_metrics(pool):
 def test_remote_prefix_takes_no_local_memory(pool):
     ws = pool["workers"]
     doc, _ = _doc_with_owners(pool, 3, seed=200, n_seg=12)
-    generate(ws[0].url, doc, 2)
-    time.sleep(0.5)
+    _compute_and_send_home(pool, doc)
     ids = doc + [7, 8, 9]
     seen = []
     done = threading.Event()
@@ -166,18 +157,15 @@ def test_remote_prefix_takes_no_local_memory(pool):
 def test_owner_that_stops_answering_falls_back_without_a_wrong_token(pool):
     ws, stock = pool["workers"], pool["stock"]
     doc, owners = _doc_with_owners(pool, 1, seed=300)
-    generate(ws[0].url, doc, 2)
-    time.sleep(0.5)
+    _compute_and_send_home(pool, doc)
     owner = next(w for w in ws if w.broker_addr == owners[0])
     ids = doc + [11, 12, 13]
     want = generate(stock.url, ids, 300)["output_ids"]
     result = {}
     t = threading.Thread(target=lambda: result.update(out=generate(ws[3].url, ids, 300, timeout=120)))
     t.start()
-    deadline = time.monotonic() + 30
-    while fetch_status(ws[3].broker_addr)["memory"]["held_by_requests"] == 0:
-        assert time.monotonic() < deadline, "the request never started"
-        time.sleep(0.02)
+    wait_until(lambda: fetch_status(ws[3].broker_addr)["memory"]["held_by_requests"] > 0, 30,
+               "the request to start", interval=0.02)
     os.killpg(owner.proc.pid, signal.SIGSTOP)  # mid-request: the owner freezes
     try:
         t.join(90)

@@ -1,20 +1,26 @@
 """The simulator: caches, queueing, workloads, and a tiny end-to-end run of every policy."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.segments import namespace_seed, segment_keys
 from sglang_tokenlake.sim.__main__ import main
 from sglang_tokenlake.sim.cache import PrefixLRU
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.compute import ComputeModel
-from sglang_tokenlake.sim.engine import SimConfig, simulate, time_stretch
+from sglang_tokenlake.sim.engine import POLICIES, simulate, time_stretch
+from sglang_tokenlake.sim.model import SimConfig
+from sglang_tokenlake.sim.tokenlake import Horizons, TokenLake
 from sglang_tokenlake.sim.workloads import (
+    MHA_7B,
     Request,
     Workload,
     generated_shared_prefix,
+    longctx,
     loogle_like,
     mooncake_tokens,
     piece_keys,
@@ -89,9 +95,13 @@ def _tiny() -> Workload:
 def test_every_policy_end_to_end():
     w = _tiny()
     uniq = w.unique_full_blocks()
-    cfg = SimConfig(4, max(1, uniq // 8), w.segment_tokens,
-                    time_stretch=time_stretch(w, 4, ComputeModel(), 0.7), replan_every=8)
-    res = {p: simulate(w, p, cfg) for p in ("stock", "cache_aware", "mooncake", "tokenlake", "limit")}
+    cfg = SimConfig(4, max(1, uniq // 8), w.segment_size,
+                    time_stretch=time_stretch(w, 4, ComputeModel(), 0.7),
+                    policy=PolicyConfig(replan_every=8), memory_pressure=False)
+    res = {p: simulate(w, p, cfg) for p in POLICIES}
+    pressed = {p: simulate(w, p, replace(cfg, memory_pressure=True)) for p in POLICIES}
+    for p in POLICIES:  # running requests' KV only ever takes room from the caches
+        assert pressed[p].hit_rate < res[p].hit_rate
     bound = w.summary()["infinite_cache_hit_rate"]
     for r in res.values():
         assert r.requests == 96 and 0 <= r.hit_rate <= bound + 1e-9
@@ -103,30 +113,187 @@ def test_every_policy_end_to_end():
     tl = res["tokenlake"].summary()
     assert sum(tl["segments_by_mode"].values()) == pytest.approx(1.0, abs=1e-3)
     assert set(res["cache_aware"].summary()["router_decisions"]) == {
+        "imbalanced", "cache_hit", "least_loaded"}
+    assert set(res["cache_aware_v019"].summary()["router_decisions"]) == {
         "imbalanced", "cache_hit", "smallest_tree"}
 
 
-def test_tokenlake_pool_invariants():
-    from sglang_tokenlake.sim.tokenlake import TokenLake
-
-    w = loogle_like(requests=300, docs=20, doc_tokens=6000)
-    uniq = w.unique_full_blocks()
-    cfg = SimConfig(4, max(1, uniq // 10), w.segment_tokens, replan_every=16, hh_window=2000,
-                    hh_k=32, replica_budget=0.1)
-    cluster = Cluster(4, cfg.compute)
-    tl = TokenLake(cfg, cluster)
+def _pool(cfg: SimConfig, w: Workload) -> TokenLake:
+    tl = TokenLake(cfg, Cluster(cfg.instances, cfg.compute))
     for r in w.requests:
         tl.serve(r, r.arrival_s)
         for cache in tl.caches.values():
-            assert len(cache) <= cfg.capacity_blocks
+            assert len(cache) <= cache.capacity
+    return tl
+
+
+def _check_index(tl: TokenLake) -> None:
     held = {}
     for wid, cache in tl.caches.items():
         for k in cache.keys():
             held.setdefault(k, set()).add(wid)
     assert held == tl.loc  # the location index is exactly what the caches hold
+
+
+def test_tokenlake_pool_invariants():
+    w = loogle_like(requests=300, docs=20, doc_tokens=6000)
+    uniq = w.unique_full_blocks()
+    pc = PolicyConfig(replan_every=16, hot_window=2000, hot_k=32, replica_budget=0.1)
+    cfg = SimConfig(4, max(1, uniq // 10), w.segment_size, policy=pc)
+    tl = _pool(cfg, w)
+    _check_index(tl)
+    pol = tl.policy
+    assert pol.members == dict.fromkeys(tl.ids, float(cfg.capacity_blocks * w.segment_size))
+    assert pol.planner.budget_tokens == int(0.1 * 4 * cfg.capacity_blocks * w.segment_size)
     for key, holders in tl.loc.items():
-        if tl.copies.get(key, 1) == 1 and len(holders) == 1:
-            assert next(iter(holders)) in tl.placement.homes(key, cfg.placement_choices)
+        if pol.copies.get(key, 1) == 1 and len(holders) == 1:
+            assert pol.is_home(key, next(iter(holders)))  # one of its two candidates
+
+
+def test_hot_segments_get_the_copies_the_policy_plans():
+    # Two groups of 3-block prompts: each group's first block is 1/6 of all accesses, so
+    # at 4 instances (fair share 1/4, headroom 0.5) it wants ceil(1/6 * 4 / 0.5) = 2 copies.
+    w = generated_shared_prefix(groups=2, prompts_per_group=100, system_prompt_len=256,
+                                question_len=128, segment_size=128)
+    cfg = SimConfig(4, 64, 128, policy=PolicyConfig(replan_every=16, hot_window=512, hot_k=32,
+                                                    replica_budget=0.5))
+    tl = _pool(cfg, w)
+    _check_index(tl)
+    pol = tl.policy
+    firsts = {r.keys[0] for r in w.requests}
+    assert len(firsts) == 2 and all(pol.copies.get(k) == 2 for k in firsts)
+    assert tl.stats()["replicas_made"] >= 2
+    for key, c in pol.copies.items():
+        assert tl.loc[key] == set(pol.placement.homes(key, c))
+    cold = SimConfig(4, 64, 128, policy=PolicyConfig(replan_every=16, replica_budget=0.0))
+    assert not _pool(cold, w).policy.copies  # no budget, no replicas
+
+
+def test_new_segments_go_to_the_candidate_with_the_larger_horizon():
+    cfg = SimConfig(4, 4, 256)
+    tl = TokenLake(cfg, Cluster(4, cfg.compute))
+    key = 12345
+    first, second = tl.policy.candidates(key)
+    for stamp, w in ((1, first), (2, second)):  # fill both: first's LRU data is older
+        for k in range(4):
+            tl.caches[w].touch(1000 * stamp + k, stamp)
+    tl.horizons.clock = 10
+    assert tl.horizons[first] == 9 and tl.horizons[second] == 8
+    assert tl._update([key], {}, tl.ids[0]) >= 0
+    assert tl.loc[key] == {first}
+    tl.caches[second].discard(2000)  # free room: an infinite horizon wins
+    assert tl.horizons[second] == float("inf")
+    tl._update([key + 1, key], {}, tl.ids[0])  # key is cached: only key + 1 is new
+    c1 = tl.policy.candidates(key + 1)
+    want = max(c1, key=lambda m: tl.horizons[m])
+    assert tl.loc[key + 1] == {want}
+    one = SimConfig(4, 4, 256, policy=PolicyConfig(placement_choices=1))
+    tl1 = TokenLake(one, Cluster(4, one.compute))
+    tl1._update([key], {}, tl1.ids[0])
+    assert tl1.loc[key] == {tl1.policy.placement.home(key)}
+
+
+def test_horizons_are_lru_ages_on_the_logical_clock():
+    caches = {"a": PrefixLRU(2), "b": PrefixLRU(2)}
+    h = Horizons(caches)
+    h.clock = 7
+    caches["a"].touch(1, 3)
+    caches["a"].touch(2, 5)
+    caches["b"].touch(3, 6)
+    assert h["a"] == 4 and h["b"] == float("inf") and set(h) == {"a", "b"} and len(h) == 2
+
+
+def test_pool_wide_leaf_first_keeps_a_parent_whose_child_is_elsewhere():
+    cfg = SimConfig(2, 2, 256, policy=PolicyConfig(placement_choices=1, replica_budget=0))
+    tl = TokenLake(cfg, Cluster(2, cfg.compute))
+    home = tl.policy.placement.home
+    a, b = tl.ids
+    # A parent on `a` whose child lives on `b`, then two fresh segments for `a`.
+    parent = next(k for k in range(1, 10**6) if home(k) == a)
+    child = next(k for k in range(1, 10**6) if home(k) == b)
+    tl._update([parent, child], {}, a)
+    fresh = [k for k in range(10**6, 2 * 10**6) if home(k) == a][:2]
+    tl._update([fresh[0]], {}, a)
+    tl._update([fresh[1]], {}, a)
+    assert parent in tl.loc and fresh[0] not in tl.loc  # the older fresh one went instead
+    _check_index(tl)
+    off = SimConfig(2, 2, 256, policy=PolicyConfig(placement_choices=1, replica_budget=0,
+                                                   pool_leaf_first=False))
+    tl2 = TokenLake(off, Cluster(2, off.compute))
+    tl2._update([parent, child], {}, a)
+    tl2._update([fresh[0]], {}, a)
+    tl2._update([fresh[1]], {}, a)
+    assert parent not in tl2.loc  # plain LRU drops the stranded parent
+
+
+def _two_requests(out_a: int) -> Workload:
+    # B comes 0.1 s after A, while A runs (its prefill alone takes 0.05 s).
+    keys = piece_keys([(1, 500)], 100)
+    return Workload("t", 100, [Request(0.0, 500, out_a, keys), Request(0.1, 500, 1, keys),
+                               Request(1e6, 500, 1, keys)])
+
+
+@pytest.mark.parametrize("policy", ["stock", "cache_aware", "tokenlake", "limit", "mooncake"])
+def test_running_requests_kv_shrinks_the_cache(policy):
+    # One instance, 100-token blocks. A (500 prompt + 1000 output tokens = 15 blocks) runs
+    # for > 10 s: while it runs an 11-block cache has no room, so B (same prompt, 0.1 s later)
+    # misses and C (after A ended) finds the room back but the blocks gone. Without memory
+    # pressure B and C hit all 5 blocks.
+    w = _two_requests(1000)
+    assert simulate(w, policy, SimConfig(1, 11, 100)).hit_tokens == 0
+    assert simulate(w, policy, SimConfig(1, 11, 100, memory_pressure=False)).hit_tokens == 1000
+    # A short answer (500 + 10 tokens = 6 blocks) leaves 11 - 6 = 5 blocks: B and C hit.
+    assert simulate(_two_requests(10), policy, SimConfig(1, 11, 100)).hit_tokens == 1000
+    # With 10 blocks, 4 remain: the deepest block goes, B and C hit the other 4.
+    assert simulate(_two_requests(10), policy, SimConfig(1, 10, 100)).hit_tokens == 800
+    # Counting only KV held outside the cache: A holds just its answer (the prompt is the
+    # cache's), so 10 - 1 = 9 blocks remain; 1000 output tokens still take all 10.
+    shared = SimConfig(1, 10, 100, shared_prefix_kv=True)
+    assert simulate(_two_requests(10), policy, shared).hit_tokens == 1000
+    assert simulate(w, policy, shared).hit_tokens == 0
+
+
+def test_pooled_caches_lose_the_sum_over_instances():
+    # Two instances of 5 blocks each: a 10-block pool, all of it taken by A's 15 blocks
+    # while it runs, wherever it runs; without pressure B and C hit.
+    w = _two_requests(1000)
+    assert simulate(w, "limit", SimConfig(2, 5, 100)).hit_tokens == 0
+    assert simulate(w, "limit", SimConfig(2, 5, 100, memory_pressure=False)).hit_tokens == 1000
+    assert simulate(w, "limit", SimConfig(2, 10, 100)).hit_tokens == 1000  # 20 - 15 = 5
+    # 16 - 15 = 1 block of room: B hits the most recently used (shallowest) block, it
+    # stays, and C finds it.
+    assert simulate(w, "limit", SimConfig(2, 8, 100)).hit_tokens == 100 + 100
+
+
+def test_cluster_reports_kv_holds_from_start_to_last_token():
+    c = ComputeModel()
+    cl = Cluster(2, c)
+    assert cl.kv_changes(0.0) == {}
+    cl.run(1, 0.0, new_tokens=100, local_ctx=0, decode_ctx=100, output_tokens=10, kv_tokens=300)
+    assert cl.kv_changes(0.0) == {1: 300} and cl.running_kv == [0, 300]
+    end = c.prefill_s(100, 0) + 10 * c.tpot_s(100, 1)
+    assert cl.kv_changes(end * 0.99) == {}
+    assert cl.kv_changes(end) == {1: 0}
+    # A queued request holds nothing until it starts.
+    cl.run(0, 0.0, new_tokens=10_000, local_ctx=0, decode_ctx=10_000, output_tokens=1)
+    start = cl.instances[0].free_at
+    cl.run(0, 0.0, new_tokens=10, local_ctx=0, decode_ctx=10, output_tokens=1, kv_tokens=50)
+    assert start > 1.0
+    assert cl.kv_changes(start * 0.99) == {} and cl.kv_changes(start) == {0: 50}
+
+
+def test_tokenlake_shipped_segments_hold_no_executor_memory():
+    # longctx: queries are shipped to the context's owner, so an executor's hold is
+    # the question and the answer, not the context.
+    w = longctx(requests=40, contexts=2, seed=1)
+    cfg = SimConfig(2, 2 * w.unique_full_blocks(), w.segment_size, shape=MHA_7B)
+    tl = TokenLake(cfg, Cluster(2, cfg.compute))
+    outs = [tl.serve(r, r.arrival_s) for r in w.requests]
+    shipped = [(o, r) for o, r in zip(outs, w.requests) if o.shipped]
+    assert shipped
+    for o, r in shipped:
+        assert "pull_kv" not in o.bytes  # cached segments are local or shipped
+        assert o.held_tokens <= r.input_tokens - o.hit_tokens < 2 * w.segment_size
 
 
 def test_cli_writes_json_and_markdown(tmp_path, monkeypatch):
@@ -136,10 +303,23 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch):
                "--jobs", "1", "--out", str(tmp_path), "--tag", "t", "--no-plots"])
     assert rc == 0
     doc = json.loads((tmp_path / "t.json").read_text())
-    assert len(doc["runs"]) == 2 * 5
+    assert len(doc["runs"]) == 2 * len(POLICIES)
+    assert doc["config"]["memory_pressure"] is True and doc["config"]["segment_size"] == 128
     assert "| 4 | 20% |" in (tmp_path / "t.md").read_text()
 
 
 def test_request_is_plain_data():
     r = Request(1.0, 1000, 10, (1, 2))
     assert Workload("x", 512, [r]).full_blocks(r) == 1
+
+
+def test_longctx_has_few_long_zipf_contexts_and_an_mha_model():
+    w = longctx(seed=2)
+    assert w.shape == MHA_7B and MHA_7B.kv_bytes(1) == 4 * 131072
+    firsts = {}
+    for r in w.requests:
+        firsts[r.keys[0]] = firsts.get(r.keys[0], 0) + 1
+        assert 16384 + 20 <= r.input_tokens < 32768 + 200 and 8 <= r.output_tokens <= 512
+    counts = sorted(firsts.values(), reverse=True)
+    assert len(counts) == 8 and counts[0] > 2.5 * counts[-1]  # Zipf(1): 1/1 vs 1/8
+    assert 8 * 16384 // 256 <= w.unique_full_blocks() <= 8 * 32768 // 256 + len(w.requests)

@@ -7,10 +7,12 @@ import msgpack
 import pytest
 import zmq
 
+from sglang_tokenlake.transport.auth import keygen, load_curve_keys, start_authenticator
 from sglang_tokenlake.transport.broker import Broker
 from sglang_tokenlake.transport.client import Client, RemoteError
 from sglang_tokenlake.transport.frames import FrameError, decode, encode
 from sglang_tokenlake.transport.peers import BackPressure, PeerAgent, PeerError
+from sglang_tokenlake.transport.wake import Waker
 
 # -- frames -------------------------------------------------------------------------------
 
@@ -180,3 +182,75 @@ def test_agent_against_a_dead_peer_fails_fast():
             agent.request("dead", "ping", timeout=0.5).result(5)
     finally:
         agent.close()
+
+
+def test_agent_closed_before_start_releases_its_sockets():
+    agent = PeerAgent()
+    agent.connect("x", "127.0.0.1:1")  # queued, never sent
+    agent.close()
+    agent.connect("y", "127.0.0.1:1")  # waking a closed agent is a no-op
+
+
+# -- waker ----------------------------------------------------------------------------------
+
+
+def test_waker_wakes_a_poller_from_any_thread_and_closes():
+    w = Waker(zmq.Context.instance())
+    poller = zmq.Poller()
+    poller.register(w.socket, zmq.POLLIN)
+    assert not poller.poll(0)
+    threads = [threading.Thread(target=w.wake) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert poller.poll(2000)
+    w.drain()
+    assert not poller.poll(0)
+    w.wake()
+    w.wake()  # a pending wake-up absorbs the second
+    assert poller.poll(2000)
+    w.drain()
+    poller.unregister(w.socket)
+    w.close()
+    assert w.socket.closed
+    w.wake()  # after close: nothing to wake, no error
+
+
+# -- CURVE ------------------------------------------------------------------------------------
+
+
+def test_curve_keys_admit_the_pool_and_refuse_others(tmp_path):
+    assert load_curve_keys(None) is None and load_curve_keys("") is None
+    with pytest.raises(FileNotFoundError, match="tokenlake keygen"):
+        load_curve_keys(str(tmp_path / "missing"))
+    keygen(str(tmp_path / "pool"))
+    keygen(str(tmp_path / "other"))
+    keys = load_curve_keys(str(tmp_path / "pool"))
+    assert keys is not None and keys.server_public == keys.public and len(keys.secret) == 40
+    ctx = zmq.Context()  # its own authenticator, so other tests' brokers stay open
+    try:
+        start_authenticator(ctx, str(tmp_path / "pool"))
+        b = Broker("tcp://127.0.0.1:0", {"ping": lambda r: r.reply("pong")}, context=ctx,
+                   curve_public_key=keys.public, curve_secret_key=keys.secret)
+        ep = b.start()
+        try:
+            with Client(ep, context=ctx, curve=keys) as c:
+                assert c.request("ping", timeout=5).kind == "pong"
+            agent = PeerAgent(context=ctx, curve=keys)
+            agent.start()
+            try:
+                agent.connect("srv", ep)
+                assert _wait_connected(agent, "srv").kind == "pong"
+            finally:
+                agent.close()
+            with Client(ep, context=ctx, curve=load_curve_keys(str(tmp_path / "other"))) as c:
+                with pytest.raises(TimeoutError):
+                    c.request("ping", timeout=1)
+        finally:
+            b.close()
+    finally:
+        from sglang_tokenlake.transport.auth import _authenticators
+
+        _authenticators.pop(id(ctx)).stop()
+        ctx.term()

@@ -70,7 +70,7 @@ def test_copies_held_elsewhere_are_evicted_first_wherever_they_sit():
     # d0 and d3 are this worker's (designated); t1 and t2 are transient copies of
     # segments homed elsewhere. t1's home holds it; t2's home has not acknowledged.
     t.insert(keys, raw, ["d0", "t1", "t2", "d3"], designated=[True, False, False, True])
-    t.add_owner(keys[:2], "home")
+    t.add_owner_chain(keys[:2], [1], "home")
     t.match(keys, raw)  # all equally recent
     dropped = t.evict(S)
     # t1 goes although it is no leaf: its home serves the hole; nothing is lost.
@@ -84,7 +84,7 @@ def test_copies_held_elsewhere_are_evicted_first_wherever_they_sit():
     # A locked copy stays.
     t2 = SegmentTree(S)
     t2.insert(keys, raw, ["d0", "t1", "t2", "d3"], designated=[True, False, False, True])
-    t2.add_owner(keys[:2], "home")
+    t2.add_owner_chain(keys[:2], [1], "home")
     t2.lock(t2.walk(keys)[3])
     assert t2.evict(S) == []
     check(t2)
@@ -143,7 +143,8 @@ def test_token_verification_stops_a_collision():
 def test_remote_owner_entries():
     t = SegmentTree(S)
     keys, raw = chain(list(range(8)))
-    node = t.add_owner(keys[:2], "w2")
+    t.add_owner_chain(keys[:2], [1], "w2")
+    node = t.nodes[keys[1]]
     assert not node.is_local and node.owners == {"w2"}
     assert t.match(keys, raw) == []  # remote segments are not a local hit
     assert t.cached_tokens == 0
@@ -153,7 +154,7 @@ def test_remote_owner_entries():
     # Evicting the local copy keeps the remote entry.
     t.evict(100 * S)
     assert [n.owners for n in t.iter_nodes() if n.owners] == [{"w2"}]
-    t.remove_owner(node, "w2")
+    t.remove_owner_keys([node.key], "w2")
     assert list(t.iter_nodes()) == []
     check(t)
 

@@ -25,6 +25,12 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 def _tag(wl: str, rate: float) -> str:
     return f"{wl}_r{rate:g}".replace(".", "p")
 
@@ -45,9 +51,7 @@ def summary_bars(ss: Sequence[dict[str, Any]], path: Path) -> None:
         for i, v in enumerate(vals):
             ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
     fig.suptitle(f"{ss[0]['workload']} at {ss[0]['rate']:g} req/s", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def ttft_cdf(results: Sequence[ConfigResult], path: Path) -> None:
@@ -64,9 +68,7 @@ def ttft_cdf(results: Sequence[ConfigResult], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"TTFT CDF: {results[0].workload} at {results[0].rate:g} req/s", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def worker_load(ss: Sequence[dict[str, Any]], path: Path) -> None:
@@ -87,9 +89,7 @@ def worker_load(ss: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(np.arange(n) + width * (len(ss) - 1) / 2)
         ax.set_xticklabels([str(i) for i in range(n)])
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def rate_sweep(ss: Sequence[dict[str, Any]], path: Path) -> None:
@@ -107,9 +107,7 @@ def rate_sweep(ss: Sequence[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(ss[0]["workload"], fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_all(out_dir: Path, results: Sequence[ConfigResult],

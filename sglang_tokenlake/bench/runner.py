@@ -22,13 +22,7 @@ from sglang_tokenlake.bench import counters
 from sglang_tokenlake.bench.frontends import Frontend
 from sglang_tokenlake.bench.load import RequestRecord, run_one, run_replay
 from sglang_tokenlake.bench.workloads import BenchWorkload
-from sglang_tokenlake.cluster import (
-    BROKER_PORT_OFFSET,
-    Worker,
-    WorkerSpec,
-    free_port,
-    start_workers,
-)
+from sglang_tokenlake.cluster import PoolSpec, Worker, WorkerSpec, start_workers, wait_pool
 
 
 @dataclass(frozen=True)
@@ -165,32 +159,14 @@ def _frontend_kind(cfg: Config, s: ClusterSettings) -> str:
 
 def worker_specs(cfg: Config, s: ClusterSettings, log_env: Optional[dict[str, str]] = None
                  ) -> list[WorkerSpec]:
-    ports: list[int] = []
-    for _ in range(s.workers):
-        ports.append(free_port(avoid=ports))
+    pool = PoolSpec.pick(s.workers)
     args = ["--enable-metrics", *s.extra_args]
     if cfg.backend == "tokenlake":
-        peers = ",".join(f"127.0.0.1:{p + BROKER_PORT_OFFSET}" for p in ports)
-        args += ["--tokenlake-peers", peers, *s.tokenlake_args]
+        args += [*pool.peer_args(), *s.tokenlake_args]
     return [WorkerSpec(s.model, p, cfg.backend, page_size=s.page_size,
                        segment_size=s.segment_size if cfg.backend == "tokenlake" else None,
                        max_total_tokens=s.max_total_tokens, dtype=s.dtype, device=s.device,
-                       extra_args=list(args), env=dict(log_env or {})) for p in ports]
-
-
-def wait_pool(workers: Sequence[Worker], timeout: float = 60.0) -> None:
-    """Until every TokenLake worker sees all members alive."""
-    n = len(workers)
-    deadline = time.monotonic() + timeout
-    seen: list[Any] = []
-    while time.monotonic() < deadline:
-        seen = [counters.tokenlake_status(w.broker_addr) for w in workers]
-        if all(st and sum(m["alive"] for m in (st.get("pool") or {}).get("members", [])) == n
-               for st in seen):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"TokenLake pool did not form within {timeout}s: "
-                       f"{[(st or {}).get('pool') for st in seen]}")
+                       extra_args=list(args), env=dict(log_env or {})) for p in pool.ports]
 
 
 def warm_up(workers: Sequence[Worker], n: int, seed: int = 12345) -> None:

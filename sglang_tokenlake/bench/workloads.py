@@ -22,17 +22,22 @@ Arrival times are generated at unit scale and stretched by :meth:`BenchWorkload.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from sglang_tokenlake.traces import (
+    MOONCAKE_BLOCK,
+    lognormal,
+    mooncake_path,
+    read_mooncake,
+    zipf_weights,
+)
+
 LOW_TOKEN = 3  # ids 0..2 are <s>, </s>, <pad> in the tiny model
-MOONCAKE_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,6 @@ def _tokens(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     return rng.integers(LOW_TOKEN, vocab, size=max(int(n), 0)).tolist()
 
 
-def _lognormal(rng: np.random.Generator, mean: float, sigma: float, lo: int, hi: int) -> int:
-    mu = math.log(max(mean, 1.0)) - sigma * sigma / 2
-    return int(min(hi, max(lo, round(rng.lognormal(mu, sigma)))))
-
-
-def _zipf(n: int, a: float) -> np.ndarray:
-    w = 1.0 / np.arange(1, n + 1) ** a
-    return w / w.sum()
-
-
 def docs(requests: int = 240, documents: int = 20, doc_tokens: int = 1536,
          question_tokens: int = 48, output_tokens: int = 24, zipf_a: float = 0.8,
          vocab: int = 1024, seed: int = 0) -> BenchWorkload:
@@ -110,16 +105,16 @@ def docs(requests: int = 240, documents: int = 20, doc_tokens: int = 1536,
     16..2x``question_tokens``; answers lognormal around ``output_tokens``.
     """
     rng = np.random.default_rng(seed)
-    lens = [_lognormal(rng, doc_tokens, 0.3, doc_tokens // 2, doc_tokens * 3 // 2)
+    lens = [lognormal(rng, doc_tokens, 0.3, doc_tokens // 2, doc_tokens * 3 // 2)
             for _ in range(documents)]
     texts = [_tokens(rng, n, vocab) for n in lens]
-    pick = rng.choice(documents, size=requests, p=_zipf(documents, zipf_a))
+    pick = rng.choice(documents, size=requests, p=zipf_weights(documents, zipf_a))
     t, out = 0.0, []
     for i, d in enumerate(pick):
         t += rng.exponential(1.0)
         q = int(rng.integers(16, 2 * question_tokens + 1))
         out.append(BenchRequest(f"docs-{i}", t, tuple(texts[d] + _tokens(rng, q, vocab)),
-                                _lognormal(rng, output_tokens, 0.4, 4, 4 * output_tokens),
+                                lognormal(rng, output_tokens, 0.4, 4, 4 * output_tokens),
                                 group=f"doc{d}"))
     return BenchWorkload("docs", out, dict(documents=documents, doc_tokens=doc_tokens,
                                            unique_doc_tokens=sum(lens), zipf_a=zipf_a,
@@ -136,10 +131,10 @@ def chat(sessions: int = 40, contexts: int = 8, context_tokens: int = 1024, turn
     the whole conversation so far, including the answers the server generated.
     """
     rng = np.random.default_rng(seed)
-    lens = [_lognormal(rng, context_tokens, 0.3, context_tokens // 2, context_tokens * 3 // 2)
+    lens = [lognormal(rng, context_tokens, 0.3, context_tokens // 2, context_tokens * 3 // 2)
             for _ in range(contexts)]
     texts = [_tokens(rng, n, vocab) for n in lens]
-    pick = rng.choice(contexts, size=sessions, p=_zipf(contexts, 0.8))
+    pick = rng.choice(contexts, size=sessions, p=zipf_weights(contexts, 0.8))
     t, out = 0.0, []
     for s, c in enumerate(pick):
         t += rng.exponential(float(turns))  # unit request rate: sessions every `turns` s
@@ -149,7 +144,7 @@ def chat(sessions: int = 40, contexts: int = 8, context_tokens: int = 1024, turn
             rid = f"chat-{s}-{k}"
             ids = (texts[c] + q) if parent is None else q
             out.append(BenchRequest(rid, t, tuple(ids),
-                                    _lognormal(rng, output_tokens, 0.4, 4, 4 * output_tokens),
+                                    lognormal(rng, output_tokens, 0.4, 4, 4 * output_tokens),
                                     group=f"session{s}", parent=parent,
                                     think_s=float(rng.exponential(think_s)) if parent else 0.0))
             parent = rid
@@ -179,20 +174,6 @@ def gsp(groups: int = 16, prompts_per_group: int = 12, system_prompt_tokens: int
                                           output_tokens=output_tokens, seed=seed))
 
 
-def mooncake_dir() -> Path:
-    """``$TOKENLAKE_MOONCAKE_DIR``, else ``shared/data/mooncake`` beside or above the checkout."""
-    import os
-
-    env = os.environ.get("TOKENLAKE_MOONCAKE_DIR")
-    if env:
-        return Path(env)
-    root = Path(__file__).resolve().parents[2]
-    for base in (root, root.parent):
-        if (base / "shared" / "data" / "mooncake").is_dir():
-            return base / "shared" / "data" / "mooncake"
-    return root / "shared" / "data" / "mooncake"
-
-
 def mooncake(trace: str = "conversation", requests: int = 200, block_tokens: int = 32,
              max_prompt_tokens: int = 3072, max_output_tokens: int = 48, offset: int = 0,
              vocab: int = 1024, seed: int = 0) -> BenchWorkload:
@@ -204,29 +185,18 @@ def mooncake(trace: str = "conversation", requests: int = 200, block_tokens: int
     ``block_tokens / 512`` (prompts capped at ``max_prompt_tokens``, outputs at
     ``max_output_tokens``).
     """
-    path = Path(trace)
-    if not path.exists():
-        path = mooncake_dir() / f"{trace}_trace.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"Mooncake trace not found: {path} (set TOKENLAKE_MOONCAKE_DIR)")
+    path = mooncake_path(trace)
     scale = block_tokens / MOONCAKE_BLOCK
-    rows = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if i < offset:
-                continue
-            if len(rows) >= requests:
-                break
-            rows.append(json.loads(line))
+    rows = read_mooncake(path, requests, offset)
     if not rows:
         raise ValueError(f"no requests in {path} after offset {offset}")
     blocks: dict[int, list[int]] = {}
-    t0 = rows[0]["timestamp"] / 1000.0
+    t0 = rows[0].timestamp_s
     out = []
     for i, d in enumerate(rows):
-        n = min(max_prompt_tokens, max(1, math.ceil(int(d["input_length"]) * scale)))
+        n = min(max_prompt_tokens, max(1, math.ceil(d.input_length * scale)))
         ids: list[int] = []
-        for h in d["hash_ids"]:
+        for h in d.hash_ids:
             if len(ids) >= n:
                 break
             if h not in blocks:
@@ -234,11 +204,11 @@ def mooncake(trace: str = "conversation", requests: int = 200, block_tokens: int
             ids += blocks[h]
         ids = ids[:n]
         ids += _tokens(np.random.default_rng([seed, 1 << 40, i]), n - len(ids), vocab)
-        outn = min(max_output_tokens, max(1, math.ceil(int(d["output_length"]) * scale)))
+        outn = min(max_output_tokens, max(1, math.ceil(d.output_length * scale)))
         # +1 ms keeps the span positive when the first rows share a timestamp.
-        out.append(BenchRequest(f"mooncake-{offset + i}", d["timestamp"] / 1000.0 - t0 + 1e-3,
-                                tuple(ids), outn, group=f"h{d['hash_ids'][0]}"
-                                if d["hash_ids"] else ""))
+        out.append(BenchRequest(f"mooncake-{offset + i}", d.timestamp_s - t0 + 1e-3,
+                                tuple(ids), outn, group=f"h{d.hash_ids[0]}"
+                                if d.hash_ids else ""))
     out.sort(key=lambda r: r.arrival_s)
     return BenchWorkload(f"mooncake-{path.stem.replace('_trace', '')}", out,
                          dict(trace=str(path), block_tokens=block_tokens,

@@ -24,7 +24,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -43,9 +44,13 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_tokenlake.config import TokenLakeConfig
+from sglang_tokenlake.kvio import merge_runs
 from sglang_tokenlake.segments import keys_from_bytes, request_namespace, segment_bytes
 from sglang_tokenlake.stats import CacheStats
 from sglang_tokenlake.tree import SegmentNode, SegmentTree
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.pool import PoolLink
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +95,12 @@ class TokenLakeCache(BasePrefixCache):
             self.metrics = TokenLakeMetrics(self.metrics_collector.labels)
         self.tree = SegmentTree(self.segment_size)
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
-        self.pool: Any = None  # PoolLink, attached by the broker service
+        self.pool: Optional[PoolLink] = None  # attached by the broker service (service.py)
         self.q_heads = 0  # query heads per worker (for dispatch byte costs); set by the factory
-        self._decisions: dict[int, tuple[tuple[int, ...], list[str]]] = {}  # id(req) -> modes
         self._observed: set[int] = set()  # id(req) of requests counted by the hotness estimate
         self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
-        self._wake: Any = None  # a socket in the scheduler's idle poller, when attached
+        self._wake: Optional[Callable[[], None]] = None  # wakes the scheduler's idle poller
+        self._scheduler: Any = None  # SGLang's Scheduler, once it ran a hook
         self._jobs: deque = deque()  # callables queued by the broker thread
         self._last_log = self._last_gauge = time.monotonic()
         self.reset()
@@ -153,9 +158,9 @@ class TokenLakeCache(BasePrefixCache):
         keys, raw = self._key_chain(key)
         path = self.tree.match(keys, raw if self.config.verify_tokens else None)
         self.stats.lookups += 1
-        run = self.pool.remote_run(keys, raw, len(path)) if self.pool is not None else []
+        run = self.pool.transfers.remote_run(keys, raw, len(path)) if self.pool is not None else []
         if run:
-            run = self.pool.plan_run(params.req, len(key), len(path), run)
+            run = self.pool.transfers.plan_run(params.req, len(key), len(path), run)
         req = params.req
         if self.pool is not None and req is not None and id(req) not in self._observed:
             self._observed.add(id(req))  # one observation per request, not per scheduling round
@@ -185,10 +190,10 @@ class TokenLakeCache(BasePrefixCache):
             if n.value is not None:
                 local.append(n.value)
                 continue
-            chunks += _merge_runs(local, self.segment_size)
+            chunks += merge_runs(local, self.segment_size)
             local = []
             chunks.append(torch.zeros(self.segment_size, dtype=torch.int64, device=self.device))
-        chunks += _merge_runs(local, self.segment_size)
+        chunks += merge_runs(local, self.segment_size)
         if not chunks:
             return self._empty
         return torch.cat(chunks)
@@ -281,10 +286,9 @@ class TokenLakeCache(BasePrefixCache):
             self.check_integrity()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
-        self._decisions.pop(id(req), None)
         self._observed.discard(id(req))
         if self.pool is not None:
-            self.pool.remote.detach(req)
+            self.pool.forget(req)
         if req.finished():
             prompt = len(req.origin_input_ids)
             hit = min(req.cached_tokens, prompt)
@@ -306,10 +310,11 @@ class TokenLakeCache(BasePrefixCache):
 
     def evict(self, params: EvictParams) -> EvictResult:
         start = time.perf_counter()
+        keep = self.pool.keep_copy if self.pool is not None else None
         with self.slot_mutex:
-            dropped = self.tree.evict(params.num_tokens)
+            dropped = self.tree.evict(params.num_tokens, keep)
             if dropped:
-                runs = _merge_runs([v for _, v in dropped], self.segment_size)
+                runs = merge_runs([v for _, v in dropped], self.segment_size)
                 self.token_to_kv_pool_allocator.free(torch.cat(runs))
         if dropped and self.pool is not None:
             self.pool.on_evicted([n for n, _ in dropped])
@@ -331,7 +336,7 @@ class TokenLakeCache(BasePrefixCache):
         if self.pool is None or req is None:
             self.stats.pull_fallbacks += 1
             return 0, device_node
-        return self.pool.load_back(req, params.best_match_node, device_node,
+        return self.pool.transfers.load_back(req, params.best_match_node, device_node,
                                    params.host_hit_length)
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
@@ -347,7 +352,7 @@ class TokenLakeCache(BasePrefixCache):
         """Drop these unlocked local copies now and free their slots."""
         with self.slot_mutex:
             values = [self.tree.drop(n) for n in nodes]
-            self.token_to_kv_pool_allocator.free(torch.cat(_merge_runs(values, self.segment_size)))
+            self.token_to_kv_pool_allocator.free(torch.cat(merge_runs(values, self.segment_size)))
         self.stats.evicted_segments += len(values)
 
     # -- inspection ------------------------------------------------------------
@@ -360,7 +365,7 @@ class TokenLakeCache(BasePrefixCache):
         """
         self.tree.check()
         alloc = self.token_to_kv_pool_allocator
-        values = _merge_runs(
+        values = merge_runs(
             [n.value for n in self.tree.iter_nodes() if n.value is not None], self.segment_size
         )
         cached = self.tree.cached_tokens
@@ -407,6 +412,24 @@ class TokenLakeCache(BasePrefixCache):
             stack.extend((c, depth + 1) for c in node.children.values())
         print(f"#tokens: {self.total_size()}")
 
+    # -- what the pool needs (pool.surfaces.CacheHost) -------------------------------
+
+    def kv_store(self) -> Any:
+        return self.token_to_kv_pool_allocator.get_kvcache()
+
+    def req_to_token(self) -> torch.Tensor:
+        return self.req_to_token_pool.req_to_token
+
+    def capacity_tokens(self) -> int:
+        return int(self.token_to_kv_pool_allocator.size)
+
+    def free_tokens(self) -> int:
+        return int(self.token_to_kv_pool_allocator.available_size())
+
+    def queued_tokens(self) -> int:
+        queue = getattr(self._scheduler, "waiting_queue", None) or ()
+        return sum(len(r.origin_input_ids) for r in queue)
+
     # -- scheduler-thread work ---------------------------------------------------
 
     def submit(self, fn: Any) -> None:
@@ -417,6 +440,7 @@ class TokenLakeCache(BasePrefixCache):
 
     def attach_scheduler(self, scheduler: Any) -> None:
         """Let queued work wake an idle scheduler (``--sleep-on-idle`` polls its sockets)."""
+        self._scheduler = scheduler
         sleeper = getattr(scheduler, "idle_sleeper", None)
         if sleeper is None or self._wake is not None:
             return
@@ -460,24 +484,3 @@ class TokenLakeCache(BasePrefixCache):
             s.hit_tokens, s.miss_tokens, 100.0 * s.hit_rate, self.tree.cached_tokens,
             int(self.token_to_kv_pool_allocator.size), self.tree.local_nodes, s.evicted_segments,
         )
-
-
-def _merge_runs(values: list[Any], segment_size: int) -> list[torch.Tensor]:
-    """Slices of the slot runs ``(base, start)``, merging runs that continue each other.
-
-    A segment's slots are ``base[start : start + segment_size]``; the segments
-    inserted together share one ``base``, so a path usually merges into one slice.
-    """
-    out: list[torch.Tensor] = []
-    base: Optional[torch.Tensor] = None
-    lo = hi = 0
-    for b, start in values:
-        if b is base and start == hi:
-            hi += segment_size
-            continue
-        if base is not None:
-            out.append(base[lo:hi])
-        base, lo, hi = b, start, start + segment_size
-    if base is not None:
-        out.append(base[lo:hi])
-    return out

@@ -53,27 +53,26 @@ class TokenLakeMetrics:
         )
         self._seen: dict[str, float] = {}
 
-    # pool counter -> (series, label value)
+    # pool counter -> (series, label name, label value)
     POOL = {
-        "query_bytes": ("pool_bytes", "query"),
-        "partial_bytes": ("pool_bytes", "partial"),
-        "partial_bytes_served": ("pool_bytes", "partial_served"),
-        "pulled_bytes": ("pool_bytes", "kv_pulled"),
-        "served_bytes": ("pool_bytes", "kv_served"),
-        "put_bytes": ("pool_bytes", "kv_put"),
-        "shipped_segments": ("pool_segments", "ship"),
-        "pulled_segments": ("pool_segments", "pull"),
-        "put_segments": ("pool_segments", "put"),
+        "query_bytes": ("pool_bytes", "kind", "query"),
+        "partial_bytes": ("pool_bytes", "kind", "partial"),
+        "partial_bytes_served": ("pool_bytes", "kind", "partial_served"),
+        "pulled_bytes": ("pool_bytes", "kind", "kv_pulled"),
+        "served_bytes": ("pool_bytes", "kind", "kv_served"),
+        "put_bytes": ("pool_bytes", "kind", "kv_put"),
+        "shipped_segments": ("pool_segments", "mode", "ship"),
+        "pulled_segments": ("pool_segments", "mode", "pull"),
+        "put_segments": ("pool_segments", "mode", "put"),
     }
 
     def observe_pool(self, counters: dict[str, float]) -> None:
         """Export the growth of the pool's counters since the last call."""
-        for name, (series, label) in self.POOL.items():
+        for name, (series, label, value) in self.POOL.items():
             v = float(counters.get(name, 0))
             delta = v - self._seen.get(name, 0.0)
             if delta > 0:
-                key = "kind" if series == "pool_bytes" else "mode"
-                getattr(self, series).labels(**self._labels, **{key: label}).inc(delta)
+                getattr(self, series).labels(**self._labels, **{label: value}).inc(delta)
                 self._seen[name] = v
 
     def observe_request(self, hit: int, miss: int) -> None:

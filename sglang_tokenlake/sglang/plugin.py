@@ -49,15 +49,21 @@ def register() -> None:
         _after_ingest_requests,
         HookType.AFTER,
     )
-    # Query-centric attention (sglang/remote.py): the attention backends' outputs
+    # Query-centric attention (pool/remote.py, sglang/hooks.py): the attention backends' outputs
     # for requests whose prefix stays on other workers, and the retraction of a
     # request whose owner failed during a forward pass.
+    from sglang_tokenlake.sglang.hooks import (
+        around_process_batch_result,
+        around_run_batch,
+        attention_hook,
+    )
+
     HookRegistry.register(
-        "sglang.srt.managers.scheduler.Scheduler.run_batch", _around_run_batch, HookType.AROUND
+        "sglang.srt.managers.scheduler.Scheduler.run_batch", around_run_batch, HookType.AROUND
     )
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.process_batch_result",
-        _around_process_batch_result,
+        around_process_batch_result,
         HookType.AROUND,
     )
     backends = ["sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"]
@@ -65,9 +71,9 @@ def register() -> None:
         backends.append("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend")
     for cls in backends:
         apply_cap = not cls.endswith("TorchNativeAttnBackend")  # torch_native ignores logit_cap
-        HookRegistry.register(f"{cls}.forward_extend", _attention_hook(False, apply_cap),
+        HookRegistry.register(f"{cls}.forward_extend", attention_hook(False, apply_cap),
                               HookType.AROUND)
-        HookRegistry.register(f"{cls}.forward_decode", _attention_hook(True, apply_cap),
+        HookRegistry.register(f"{cls}.forward_decode", attention_hook(True, apply_cap),
                               HookType.AROUND)
 
 
@@ -210,7 +216,7 @@ def ship_supported(server_args: Any) -> bool:
 def _after_ingest_requests(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     cache = getattr(scheduler, "tree_cache", None)
     if getattr(cache, "is_tokenlake", False):
-        if cache._wake is None:
+        if cache._scheduler is None:
             cache.attach_scheduler(scheduler)
         cache.poll()
 
@@ -222,55 +228,3 @@ def _cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
-
-
-def _around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-    from sglang_tokenlake.sglang import remote
-
-    eng = remote.ENGINE
-    if eng is None or not eng.plans:
-        return original(scheduler, batch, *args, **kwargs)
-    eng.begin_forward(batch)
-    try:
-        return original(scheduler, batch, *args, **kwargs)
-    finally:
-        eng.end_forward(batch)
-
-
-def _around_process_batch_result(original: Any, scheduler: Any, batch: Any, *args: Any,
-                                 **kwargs: Any) -> Any:
-    from sglang_tokenlake.sglang import remote
-
-    eng = remote.ENGINE
-    if eng is None or not any(b is batch for b, _ in eng.pending_retract):
-        return original(scheduler, batch, *args, **kwargs)
-    # A request of this batch lost an owner mid-pass: its token must not be
-    # committed. The prefill result loop skips retracted requests; the decode
-    # loop does so only when overlap scheduling is on, so this one call gets a
-    # (frozen, stateless) result processor that says so.
-    import dataclasses
-
-    proc = getattr(scheduler, "batch_result_processor", None)
-    forced = proc is not None and not proc.enable_overlap
-    if forced:
-        scheduler.batch_result_processor = dataclasses.replace(proc, enable_overlap=True)
-    try:
-        return original(scheduler, batch, *args, **kwargs)
-    finally:
-        if forced:
-            scheduler.batch_result_processor = proc
-        eng.retract_failed(scheduler, batch)
-
-
-def _attention_hook(decode: bool, apply_cap: bool) -> Any:
-    def hook(original: Any, backend: Any, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any,
-             *args: Any, **kwargs: Any) -> Any:
-        o = original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
-        from sglang_tokenlake.sglang import remote
-
-        eng = remote.ENGINE
-        if eng is not None and eng.active and not getattr(layer, "is_cross_attention", False):
-            eng.replace_outputs(q, o, layer, forward_batch, decode, apply_cap)
-        return o
-
-    return hook

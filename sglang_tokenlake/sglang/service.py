@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from sglang_tokenlake.transport.broker import Broker, Request
 
@@ -55,32 +55,32 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
 
         cache.submit(job)
 
-    from sglang_tokenlake.sglang.pool import PoolLink
+    from sglang_tokenlake.pool import PoolLink
+    from sglang_tokenlake.sglang.hooks import ENGINE_ATTR
+    from sglang_tokenlake.transport.auth import load_curve_keys, start_authenticator
 
+    keys = load_curve_keys(config.curve_dir)
+    curve_keys = {}
+    if keys is not None:
+        import zmq
+
+        start_authenticator(zmq.Context.instance(), config.curve_dir)
+        curve_keys = {"curve_public_key": keys.public, "curve_secret_key": keys.secret}
     try:
-        pool: Any = PoolLink(cache, config, worker_id, None)
+        pool: Optional[PoolLink] = PoolLink(cache, config, worker_id, curve=keys)
     except ValueError as e:  # a KV pool TokenLake cannot move (e.g. MLA)
         if config.peer_list():
             raise
         logger.warning("TokenLake: pooling disabled on this worker: %s", e)
         pool = None
-    curve_keys = {}
-    if config.curve_dir:
-        import zmq
-
-        from sglang_tokenlake.transport.auth import load_pool_keys, start_authenticator
-
-        pub, sec = load_pool_keys(config.curve_dir)
-        start_authenticator(zmq.Context.instance(), config.curve_dir)
-        curve_keys = {"curve_public_key": pub, "curve_secret_key": sec}
+    if pool is not None:  # the attention hooks find the engine through the KV pool
+        setattr(cache.kv_store(), ENGINE_ATTR, pool.remote)
     broker = Broker(
         f"tcp://{config.host}:{port}",
         {"ping": ping, "status": status, **(pool.handlers() if pool is not None else {})},
         name=f"tokenlake-broker-{port}",
         **curve_keys,
     )
-    if pool is not None:
-        pool.broker = broker
     try:
         broker.start()
     except Exception as e:

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from sglang_tokenlake.routing import CacheAwareConfig
+from sglang_tokenlake.dispatch import ModelShape
+from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.sim import report
 from sglang_tokenlake.sim.compute import ComputeModel
-from sglang_tokenlake.sim.engine import SimConfig, simulate, time_stretch
-from sglang_tokenlake.sim.policies import POLICIES
+from sglang_tokenlake.sim.engine import POLICIES, SimConfig, simulate, time_stretch
+from sglang_tokenlake.sim.routing import CacheAwareConfig
 from sglang_tokenlake.sim.workloads import Workload, load
 
 _WORKLOAD: Optional[Workload] = None  # set before forking workers
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default="mooncake-conversation",
                    help="mooncake-conversation, mooncake-synthetic, loogle, scbench, sharegpt, "
-                        "gsp, or a path to a Mooncake-format JSONL")
+                        "gsp, longctx, or a path to a Mooncake-format JSONL")
     p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
     p.add_argument("--seed", type=int, default=0, help="seed of generated workloads")
     p.add_argument("--instances", type=int, nargs="+", default=[4, 8, 16, 64])
@@ -49,9 +50,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="multiply the arrival rate by this instead (timestamps / X)")
     p.add_argument("--bandwidth-gbps", type=float, default=25.0,
                    help="GB/s of one transfer between two instances")
-    p.add_argument("--placement-choices", type=int, default=2)
-    p.add_argument("--no-pool-leaf-first", action="store_true")
-    p.add_argument("--replica-budget", type=float, default=0.05)
+    p.add_argument("--placement-choices", type=int, default=PolicyConfig.placement_choices,
+                   help="TokenLake: candidate homes of a new segment")
+    p.add_argument("--no-pool-leaf-first", action="store_true",
+                   help="TokenLake: drop the pool-wide leaf-first eviction rule")
+    p.add_argument("--replica-budget", type=float, default=PolicyConfig.replica_budget,
+                   help="TokenLake: share of the pool hot-segment replicas may use")
+    p.add_argument("--no-memory-pressure", action="store_true",
+                   help="running requests' KV does not shrink the caches (the old model)")
+    p.add_argument("--shared-prefix-kv", action="store_true",
+                   help="memory pressure counts only prompt KV held outside the executor's "
+                        "cache (TokenLake pays for pulled/recomputed copies)")
     p.add_argument("--cache-threshold", type=float, default=CacheAwareConfig.cache_threshold)
     p.add_argument("--balance-abs-threshold", type=int,
                    default=CacheAwareConfig.balance_abs_threshold)
@@ -80,7 +89,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     _WORKLOAD = wl
     info = wl.summary()
     print(f"workload {info}", file=sys.stderr)
-    compute = ComputeModel()
+    shape = wl.shape or ModelShape()
+    compute = (ComputeModel() if wl.shape is None else ComputeModel.roofline(
+        params=7.0e9, layers=shape.layers, q_heads=shape.q_heads, kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim, dtype_bytes=shape.dtype_bytes))
+    policy = PolicyConfig(replica_budget=args.replica_budget,
+                          placement_choices=args.placement_choices,
+                          pool_leaf_first=not args.no_pool_leaf_first)
     router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
                               args.balance_rel_threshold)
     utils: list[Optional[float]] = [None] if args.rate_scale is not None else args.target_util
@@ -93,10 +108,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = SimConfig(
             instances=n,
             capacity_blocks=max(1, int(frac * info["unique_full_blocks"] / n)),
-            segment_tokens=wl.segment_tokens, time_stretch=stretches[(u, n)], compute=compute,
-            bandwidth_Bps=args.bandwidth_gbps * 1e9, router=router,
-            replica_budget=args.replica_budget, placement_choices=args.placement_choices,
-            pool_leaf_first=not args.no_pool_leaf_first,
+            segment_size=wl.segment_size, time_stretch=stretches[(u, n)], compute=compute,
+            shape=shape, bandwidth_Bps=args.bandwidth_gbps * 1e9, router=router, policy=policy,
+            memory_pressure=not args.no_memory_pressure, shared_prefix_kv=args.shared_prefix_kv,
         )
         tasks.append((pol, cfg, frac, u))
     # Same instance count back to back: a worker process reuses its memoized homes.
@@ -110,6 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  else "target_util = uncached GPU work / cluster GPU time"),
         "rate_scale": {f"util={u} N={n}": round(1 / st, 4) for (u, n), st in stretches.items()},
         "compute": dataclasses.asdict(compute),
+        "router_v019": dataclasses.asdict(CacheAwareConfig.v019()),
         "config": {k: (v if not dataclasses.is_dataclass(v) else dataclasses.asdict(v))
                    for k, v in dataclasses.asdict(tasks[0][1]).items()
                    if k not in ("instances", "capacity_blocks", "time_stretch")},

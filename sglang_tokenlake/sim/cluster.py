@@ -12,6 +12,10 @@ Its first token comes ``prefill_s`` after it starts (and after its pulled KV
 arrived); it stays *in flight* (what the router counts as load) until its last
 token, ``output_tokens * tpot`` later, where the batch size is the number of
 requests in flight on that instance.
+
+Memory: from its start to its last token a request holds ``kv_tokens`` of its
+instance's KV memory (its prompt and output); ``kv_changes`` reports, at each new
+arrival, the instances whose running KV changed, so the caches can shrink or grow.
 """
 
 from __future__ import annotations
@@ -52,18 +56,28 @@ class Cluster:
         width = max(2, len(str(n - 1)))
         self.instances = [Instance(f"w{i:0{width}d}") for i in range(n)]
         self.ids = [x.id for x in self.instances]
+        self.running_kv = [0] * n  # KV tokens held by started, unfinished requests
+        self._kv_events: list[tuple[float, int, int]] = []  # (time, instance, +/- tokens)
 
     def __len__(self) -> int:
         return len(self.instances)
 
-    def backlogs(self, now: float) -> list[float]:
-        return [x.backlog(now) for x in self.instances]
+    def kv_changes(self, now: float) -> dict[int, int]:
+        """Apply the KV holds that began or ended by ``now``; return instance -> running KV
+        tokens for the instances whose running KV changed."""
+        ev, kv, out = self._kv_events, self.running_kv, {}
+        while ev and ev[0][0] <= now:
+            _, i, d = heapq.heappop(ev)
+            kv[i] += d
+            out[i] = kv[i]
+        return out
 
     def inflights(self, now: float) -> list[int]:
         return [x.inflight(now) for x in self.instances]
 
     def run(self, i: int, now: float, *, new_tokens: int, local_ctx: int, decode_ctx: int,
-            output_tokens: int, transfer_s: float = 0.0) -> tuple[float, float]:
+            output_tokens: int, transfer_s: float = 0.0,
+            kv_tokens: int = 0) -> tuple[float, float]:
         """Admit a request on instance ``i``; return ``(queue wait, time to first token)``.
 
         Args:
@@ -71,6 +85,7 @@ class Cluster:
             local_ctx: cached tokens its prefill attends to on this GPU.
             decode_ctx: KV tokens each decode step reads on this GPU.
             transfer_s: seconds until pulled KV has arrived (overlaps the queue wait).
+            kv_tokens: KV memory it holds from its start to its last token.
         """
         c = self.compute
         x = self.instances[i]
@@ -85,6 +100,9 @@ class Cluster:
         ttft = ready - now + prefill
         end = ready + prefill + output_tokens * c.tpot_s(decode_ctx, batch)
         heapq.heappush(x.ends, end)
+        if kv_tokens > 0:
+            heapq.heappush(self._kv_events, (start, i, kv_tokens))
+            heapq.heappush(self._kv_events, (end, i, -kv_tokens))
         return start - now, ttft
 
     def charge(self, i: int, now: float, seconds: float) -> None:

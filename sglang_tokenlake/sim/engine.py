@@ -1,4 +1,10 @@
-"""The simulation loop: requests in arrival order through one policy on one cluster."""
+"""The simulation loop: requests in arrival order through one policy on one cluster.
+
+Per request, at its arrival ``now``: the running requests' KV holds that began or
+ended by ``now`` resize the caches (``SimConfig.memory_pressure``); the policy picks
+the executor and serves the cached prefix (``Policy.serve``); the cluster queues the
+work and the request's KV hold (``Cluster.run``).
+"""
 
 from __future__ import annotations
 
@@ -6,64 +12,26 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
-from sglang_tokenlake.dispatch import Costs, ModelShape
-from sglang_tokenlake.routing import CacheAwareConfig
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.compute import ComputeModel
+from sglang_tokenlake.sim.model import Outcome, SimConfig
+from sglang_tokenlake.sim.policies import BASELINES, Policy
+from sglang_tokenlake.sim.tokenlake import TokenLake
 from sglang_tokenlake.sim.workloads import Request, Workload
 
-
-class Outcome(NamedTuple):
-    """What a policy decided for one request."""
-
-    worker: int
-    """Index of the executing instance."""
-    hit_tokens: int
-    """Prompt tokens served from cache (any mode but recompute)."""
-    shipped: dict[int, int]
-    """Owner index -> cached tokens whose attention that owner computes (SHIP_QUERY)."""
-    bytes: dict[str, int]
-    """Bytes moved for this request, by kind (``pull_kv``, ``ship_query``, ``put``...)."""
-    transfer_s: float
-    """Seconds until pulled KV has arrived at the executor."""
+POLICIES = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit")
+"""Every policy ``simulate`` knows, in report order."""
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulated cluster."""
-
-    instances: int
-    capacity_blocks: int
-    """Cache capacity of each instance, in segments."""
-    segment_tokens: int
-    time_stretch: float = 1.0
-    """Arrival times are multiplied by this (``1 / rate_scale``)."""
-    compute: ComputeModel = ComputeModel()
-    shape: ModelShape = ModelShape()
-    bandwidth_Bps: float = 25e9
-    router: CacheAwareConfig = CacheAwareConfig()
-    chars_per_token: float = 4.0
-    """Router tree sizes are characters; a token counts this many."""
-    replica_budget: float = 0.05
-    """TokenLake: fraction of the pool's capacity hot-segment replicas may use."""
-    hh_window: int = 16384
-    """TokenLake: segment accesses the heavy-hitter window covers."""
-    hh_k: int = 256
-    replan_every: int = 64
-    """TokenLake: requests between replica plans."""
-    placement_choices: int = 2
-    """TokenLake: a new segment goes to whichever of its top-``placement_choices``
-    rendezvous homes holds the oldest data (1: always the first home)."""
-    pool_leaf_first: bool = True
-    """TokenLake: a worker keeps the last copy of a segment whose children are cached
-    elsewhere and evicts its next oldest segment instead (pool-wide leaf-first)."""
-
-    @property
-    def costs(self) -> Costs:
-        c = self.compute
-        return Costs(self.bandwidth_Bps, c.prefill_s_per_token, c.attn_s_per_token_pair)
+def make_policy(name: str, cfg: SimConfig, cluster: Cluster) -> Policy:
+    """The policy ``name`` (one of ``POLICIES``) on ``cluster``."""
+    if name == "tokenlake":
+        return TokenLake(cfg, cluster)
+    if name not in BASELINES:
+        raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
+    return BASELINES[name](cfg, cluster)
 
 
 @dataclass
@@ -141,9 +109,7 @@ def time_stretch(workload: Workload, instances: int, compute: ComputeModel,
 
 def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
              progress: Optional[Callable[[int], None]] = None) -> RunResult:
-    """Run ``workload`` through policy ``policy_name`` (see ``policies.POLICIES``)."""
-    from sglang_tokenlake.sim.policies import make_policy
-
+    """Run ``workload`` through policy ``policy_name`` (one of ``POLICIES``)."""
     t0 = time.perf_counter()
     cluster = Cluster(cfg.instances, cfg.compute)
     policy = make_policy(policy_name, cfg, cluster)
@@ -152,6 +118,10 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
     first = workload.requests[0].arrival_s if workload.requests else 0.0
     for n, req in enumerate(workload.requests):
         now = (req.arrival_s - first) * cfg.time_stretch
+        if cfg.memory_pressure:
+            changed = cluster.kv_changes(now)
+            if changed:
+                policy.pressure(changed)
         out = policy.serve(req, now)
         _account(cluster, cfg, req, now, out, res)
         for kind, b in out.bytes.items():
@@ -179,6 +149,8 @@ def _account(cluster: Cluster, cfg: SimConfig, req: Request, now: float, out: Ou
         decode_ctx=req.input_tokens - shipped,
         output_tokens=req.output_tokens,
         transfer_s=out.transfer_s,
+        kv_tokens=(0 if not cfg.memory_pressure else req.output_tokens
+                   + (out.held_tokens if cfg.shared_prefix_kv else req.input_tokens)),
     )
     new = req.input_tokens - out.hit_tokens
     for owner, tokens in out.shipped.items():

@@ -1,8 +1,11 @@
-"""The baselines the simulator compares TokenLake with, and the policy registry.
+"""The baselines the simulator compares TokenLake with (``Policy`` is their common base).
 
 ``stock``        per-instance radix LRU; round-robin routing (sglang-router ``round_robin``).
-``cache_aware``  per-instance radix LRU; sglang-router's ``cache_aware`` rule with its own
-                 approximate tree (``routing.CacheAwareRouter``), load = in-flight requests.
+``cache_aware``  per-instance radix LRU; sglang-router 0.3.2's ``cache_aware`` rule with its
+                 own approximate tree (``sim.routing.CacheAwareRouter``), load = in-flight
+                 requests; a weak match goes to the least loaded worker.
+``cache_aware_v019``  the same with the rule of sglang-router <= 0.1.9 (the paper's
+                 baseline): thresholds 0.5 / 32 / 1.0001, weak match -> smallest tree.
 ``mooncake``     a shared external KV store in the Mooncake style: one deduplicated LRU with
                  the cluster's total capacity outside the GPUs; a request goes to the least
                  loaded instance and pulls its whole cached prefix from the store, then puts
@@ -13,16 +16,19 @@
 
 All caches are block-level radix LRUs (``PrefixLRU``); a request hits the longest
 prefix of its full blocks that its cache holds, then touches/inserts all of them.
+Memory pressure (``Policy.pressure``): an instance's cache holds ``capacity_blocks``
+less the blocks its running requests occupy; the pooled caches less the sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
-from sglang_tokenlake.routing import CacheAwareRouter
 from sglang_tokenlake.sim.cache import PrefixLRU
 from sglang_tokenlake.sim.cluster import Cluster
-from sglang_tokenlake.sim.engine import Outcome, SimConfig
+from sglang_tokenlake.sim.model import Outcome, SimConfig
+from sglang_tokenlake.sim.routing import CacheAwareConfig, CacheAwareRouter
 from sglang_tokenlake.sim.workloads import Request
 
 
@@ -34,8 +40,17 @@ class Policy:
     def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
         self.cfg = cfg
         self.cluster = cluster
-        self.seg = cfg.segment_tokens
+        self.seg = cfg.segment_size
         self._rr = 0
+
+    def held(self, req: Request, full: Sequence[int], cache: PrefixLRU) -> int:
+        """Prompt tokens of ``req`` outside ``cache`` after it was used (tail, evicted blocks)."""
+        kept = len(full) if len(full) <= cache.capacity else sum(k in cache for k in full)
+        return req.input_tokens - kept * self.seg
+
+    def room(self, running_tokens: int, instances: int = 1) -> int:
+        """Blocks a cache of ``instances`` instances' memory holds beside ``running_tokens``."""
+        return max(0, self.cfg.capacity_blocks * instances - math.ceil(running_tokens / self.seg))
 
     def full(self, req: Request) -> Sequence[int]:
         return req.keys[: min(req.input_tokens // self.seg, len(req.keys))]
@@ -54,6 +69,10 @@ class Policy:
         return best
 
     def serve(self, req: Request, now: float) -> Outcome:
+        raise NotImplementedError
+
+    def pressure(self, running: Mapping[int, int]) -> None:
+        """Instances whose running requests now hold ``running[i]`` KV tokens: resize caches."""
         raise NotImplementedError
 
     def stats(self) -> dict:
@@ -78,7 +97,13 @@ class Stock(Policy):
         cache = self.caches[i]
         hit = cache.match(full)
         cache.use(full)
-        return Outcome(i, hit * self.seg, {}, {}, 0.0)
+        return Outcome(i, hit * self.seg, {}, {}, 0.0, self.held(req, full, cache))
+
+    def pressure(self, running: Mapping[int, int]) -> None:
+        for i, tokens in running.items():
+            cache = self.caches[i]
+            cache.capacity = self.room(tokens)
+            cache.overflow()
 
 
 class CacheAware(Stock):
@@ -86,8 +111,11 @@ class CacheAware(Stock):
 
     def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
         super().__init__(cfg, cluster)
-        self.router = CacheAwareRouter(cluster.ids, cfg.router)
+        self.router = CacheAwareRouter(cluster.ids, self.router_config())
         self.index = {w: i for i, w in enumerate(cluster.ids)}
+
+    def router_config(self) -> CacheAwareConfig:
+        return self.cfg.router
 
     def route(self, req: Request, now: float) -> int:
         seg, cpt = self.seg, self.cfg.chars_per_token
@@ -103,6 +131,13 @@ class CacheAware(Stock):
         return {"router_decisions": {k: round(v / total, 4) for k, v in d.items()}}
 
 
+class CacheAwareV019(CacheAware):
+    name = "cache_aware_v019"
+
+    def router_config(self) -> CacheAwareConfig:
+        return CacheAwareConfig.v019()
+
+
 class Limit(Policy):
     name = "limit"
 
@@ -114,7 +149,12 @@ class Limit(Policy):
         full = self.full(req)
         hit = self.cache.match(full)
         self.cache.use(full)
-        return Outcome(self.least_loaded(now), hit * self.seg, {}, {}, 0.0)
+        return Outcome(self.least_loaded(now), hit * self.seg, {}, {}, 0.0,
+                       self.held(req, full, self.cache))
+
+    def pressure(self, running: Mapping[int, int]) -> None:
+        self.cache.capacity = self.room(sum(self.cluster.running_kv), self.cfg.instances)
+        self.cache.overflow()
 
 
 class Mooncake(Limit):
@@ -129,16 +169,8 @@ class Mooncake(Limit):
         put = shape.kv_bytes((len(full) - hit) * self.seg)
         moved = {"pull_kv": pull, "put": put}
         return Outcome(self.least_loaded(now), hit * self.seg, {}, moved,
-                       pull / self.cfg.bandwidth_Bps)
+                       pull / self.cfg.bandwidth_Bps, self.held(req, full, self.cache))
 
 
-def make_policy(name: str, cfg: SimConfig, cluster: Cluster) -> Policy:
-    if name == "tokenlake":
-        from sglang_tokenlake.sim.tokenlake import TokenLake
-
-        return TokenLake(cfg, cluster)
-    return {"stock": Stock, "cache_aware": CacheAware, "mooncake": Mooncake,
-            "limit": Limit}[name](cfg, cluster)
-
-
-POLICIES = ("stock", "cache_aware", "mooncake", "tokenlake", "limit")
+BASELINES: dict[str, type[Policy]] = {
+    p.name: p for p in (Stock, CacheAware, CacheAwareV019, Mooncake, Limit)}

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-ORDER = ("stock", "cache_aware", "mooncake", "tokenlake", "limit")
+ORDER = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit")
 
 Cells = dict[tuple[int, float], dict[str, dict]]
 
@@ -45,28 +45,33 @@ def markdown(doc: dict[str, Any]) -> str:
     w = doc["workload"]
     lines = [
         f"Workload `{w['name']}`: {w['requests']} requests, {w['unique_full_blocks']} unique "
-        f"full blocks of {w['segment_tokens']} tokens; infinite-cache token hit rate "
+        f"full blocks of {w['segment_size']} tokens; infinite-cache token hit rate "
         f"{w['infinite_cache_hit_rate']:.3f}.",
         "",
         "Token hit rate per policy; capacity = total cache as a fraction of the unique full "
-        "blocks; TL = tokenlake, CA = cache_aware; CV = coefficient of variation of the "
-        "per-instance GPU-seconds; TTFT p50 in seconds.",
+        "blocks; TL = tokenlake, CA = cache_aware (sglang-router 0.3.2), CA019 = "
+        "cache_aware_v019 (<= 0.1.9); CV = coefficient of variation of the per-instance "
+        "GPU-seconds; TTFT p50 in seconds.",
     ]
+    v019 = "cache_aware_v019" in pols
     for u, cells in _by_load(runs).items():
         lines += [
             "",
             f"**Load: {_load_label(u, cells)}**",
             "",
-            "| N | capacity | " + " | ".join(pols) + " | TL/limit | TL/CA | CV TL | CV CA | "
-            "TTFT p50 TL | TTFT p50 CA |",
-            "|" + "---:|" * (len(pols) + 8),
+            "| N | capacity | " + " | ".join(pols) + " | TL/limit | TL/CA | "
+            + ("TL/CA019 | " if v019 else "") + "CV TL | CV CA | "
+            + ("CV CA019 | " if v019 else "") + "TTFT p50 TL | TTFT p50 CA |",
+            "|" + "---:|" * (len(pols) + 8 + 2 * v019),
         ]
         for (n, cap), cell in cells.items():
             tl, ca, lim = cell.get("tokenlake"), cell.get("cache_aware"), cell.get("limit")
+            ca0 = cell.get("cache_aware_v019")
             row = [str(n), f"{cap:.0%}"]
             row += [f"{cell[p]['token_hit_rate']:.3f}" if p in cell else "-" for p in pols]
-            row += [_ratio(tl, lim), _ratio(tl, ca)]
-            row += [f"{x['load_cv']:.1%}" if x else "-" for x in (tl, ca)]
+            row += [_ratio(tl, lim), _ratio(tl, ca)] + ([_ratio(tl, ca0)] if v019 else [])
+            cvs = (tl, ca, ca0) if v019 else (tl, ca)
+            row += [f"{x['load_cv']:.1%}" if x else "-" for x in cvs]
             row += [f"{x['ttft_p50_s']:.2f}" if x else "-" for x in (tl, ca)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,10 @@
-"""TokenLake in the simulator: the pool driven by placement, heavy hitters and dispatch.
+"""TokenLake in the simulator: the pool driven by ``policy.PoolPolicy``, the live pool's policy.
+
+Every policy decision is ``PoolPolicy``'s: placement of new segments (``place``, on
+eviction horizons measured on the simulator's logical clock), replica counts
+(``plan_replicas`` from one pool-wide ``HeavyHitters``), the pool-wide leaf-first
+rule (``keep_last_copy``) and dispatch (``dispatch``). This module only keeps the
+books: per-instance LRUs, the location index, bytes and modes.
 
 Per request:
 
@@ -6,41 +12,65 @@ Per request:
    holds (``locations``: key -> instances with a copy).
 2. Executor: the instance with the least queued GPU work, plus the time its
    missing segments would take to pull (so ties go to the one holding most).
-3. ``dispatch.plan`` picks a replica and a mode for each cached segment;
+3. ``PoolPolicy.dispatch`` picks a replica and a mode for each cached segment;
    SHIP_QUERY charges partial attention to the owner's GPU, PULL_KV moves bytes.
 4. Cache update, deepest segment first: served copies are touched; new
-   segments go to their rendezvous home(s) (``put`` bytes when that is not the
-   executor); each instance evicts its least recently used segments.
-5. Every ``replan_every`` requests the heavy hitters (``HeavyHitters`` over the
-   last ``hh_window`` segment accesses) are turned into replica counts
-   (``ReplicaPlanner``, ``replica_budget`` of the pool), extra copies are made at
-   the next-best rendezvous homes (``replicate`` bytes) and dropped when a
-   segment cools.
+   segments go where ``PoolPolicy.place`` says (``put`` bytes when that is not
+   the executor); each instance evicts its least recently used segments, passing
+   over those ``keep_last_copy`` protects.
+5. Every ``replan_every`` requests ``PoolPolicy.plan_replicas`` turns the heavy
+   hitters into copies; extra copies are made at the next-best rendezvous homes
+   (``replicate`` bytes) and dropped when a segment cools.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 
-from sglang_tokenlake.dispatch import Mode, plan
-from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
+from sglang_tokenlake.dispatch import Mode
 from sglang_tokenlake.placement import Placement
+from sglang_tokenlake.policy import PoolPolicy
 from sglang_tokenlake.sim.cache import PrefixLRU
 from sglang_tokenlake.sim.cluster import Cluster
-from sglang_tokenlake.sim.engine import Outcome, SimConfig
+from sglang_tokenlake.sim.model import Outcome, SimConfig
 from sglang_tokenlake.sim.policies import Policy
 from sglang_tokenlake.sim.workloads import Request
 
-_PLACEMENTS: dict[tuple[str, ...], Placement] = {}  # memoized homes, reused across runs
+_MEMO: dict[tuple[str, ...], tuple[dict, dict]] = {}  # member ids -> memoized homes
 
 
-def _placement(ids: list[str]) -> Placement:
-    """Equal-capacity placement over ``ids`` (equal weights: homes do not depend on the value)."""
-    key = tuple(ids)
-    if key not in _PLACEMENTS:
-        _PLACEMENTS.clear()
-        _PLACEMENTS[key] = Placement(dict.fromkeys(ids, 1.0))
-    return _PLACEMENTS[key]
+def _placement(members: dict[str, float]) -> Placement:
+    """A ``Placement`` of equal-weight ``members`` that shares its memoized homes with every
+    earlier one of the same ids in this process: with equal weights the homes do not depend
+    on their value (every score scales alike), so runs at other capacities reuse them."""
+    p = Placement(members)
+    if len(set(members.values())) == 1:
+        ids = tuple(members)
+        if ids not in _MEMO:
+            _MEMO.clear()
+            _MEMO[ids] = (p._home, p._homes)
+        p._home, p._homes = _MEMO[ids]
+    return p
+
+
+class Horizons(Mapping[str, float]):
+    """Each instance's eviction horizon on the logical clock: ``clock - stamp of its least
+    recently used segment``; ``inf`` while its cache has free room. Computed on lookup
+    (``PoolPolicy.place`` asks only for its candidates)."""
+
+    def __init__(self, caches: Mapping[str, PrefixLRU]) -> None:
+        self.caches = caches
+        self.clock = 0
+
+    def __getitem__(self, w: str) -> float:
+        return self.clock - self.caches[w].oldest_stamp()  # -(-inf) = inf: free room
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.caches)
+
+    def __len__(self) -> int:
+        return len(self.caches)
 
 
 class TokenLake(Policy):
@@ -51,19 +81,20 @@ class TokenLake(Policy):
         self.ids = cluster.ids
         self.index = {w: i for i, w in enumerate(self.ids)}
         self.caches = {w: PrefixLRU(cfg.capacity_blocks) for w in self.ids}
-        self.placement = _placement(self.ids)
+        # Members weigh their capacity in tokens (equal here: homes do not depend on it;
+        # the replica budget is a share of its sum).
+        members = dict.fromkeys(self.ids, float(cfg.capacity_blocks * self.seg))
+        self.policy = PoolPolicy(cfg.policy, self.seg, members, cfg.shape, cfg.costs)
+        self.policy.placement = _placement(members)
         self.loc: dict[int, set[str]] = {}
         # Pool-wide leaf-first eviction: parent of each located segment and how many
         # located children each segment has.
         self.parent: dict[int, int] = {}
         self.nkids: dict[int, int] = defaultdict(int)
-        self.hh = HeavyHitters(cfg.hh_window, cfg.hh_k)
-        budget = int(cfg.replica_budget * cfg.capacity_blocks * cfg.instances) * self.seg
-        self.planner = ReplicaPlanner(budget, self.seg)
-        self.copies: dict[int, int] = {}  # planned copies of hot segments
+        self.hh = cfg.policy.heavy_hitters()  # one pool-wide view of the accesses
+        self.horizons = Horizons(self.caches)
         self.costs = cfg.costs
         self._served = 0
-        self._clock = 0
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
         self._replicas_made = 0
         self._replicas_dropped = 0
@@ -88,7 +119,11 @@ class TokenLake(Policy):
         for key in full[:k]:
             for w in loc[key]:
                 extra[self.index[w]] -= pull_s
-        ex = self.least_loaded(now, extra)
+        if self.cfg.tokenlake_executor == "round_robin":
+            ex = self._rr % n
+            self._rr += 1
+        else:
+            ex = self.least_loaded(now, extra)
         ex_id = self.ids[ex]
 
         moved: dict[str, int] = {}
@@ -98,9 +133,8 @@ class TokenLake(Policy):
         if k:
             loads = {w: x.backlog(now) for w, x in zip(self.ids, self.cluster.instances)}
             new = req.input_tokens - k * seg
-            out = plan(full[:k], loc, loads, executor=ex_id, new_tokens=new,
-                       expected_output_tokens=req.output_tokens, segment_tokens=seg,
-                       shape=shape, costs=self.costs)
+            out = self.policy.dispatch(full[:k], loc, loads, executor=ex_id, new_tokens=new,
+                                       expected_output_tokens=req.output_tokens)
             ship_owners = set()
             for a in out:
                 self._modes[a.mode.value] += 1
@@ -123,20 +157,25 @@ class TokenLake(Policy):
         if put:
             moved["put"] = put
         self._served += 1
-        if self._served % self.cfg.replan_every == 0:
+        if self._served % self.cfg.policy.replan_every == 0:
             moved_r = self.replan()
             if moved_r:
                 moved["replicate"] = moved_r
-        return Outcome(ex, hit, shipped, moved, transfer_s)
+        # KV the executor holds outside its cache: the prompt less what it keeps as a
+        # home (local hits, new segments placed here) and what owners serve (shipped).
+        kept = sum(1 for key in full if ex_id in loc.get(key, ()))
+        held = req.input_tokens - (kept * seg + sum(shipped.values()))
+        return Outcome(ex, hit, shipped, moved, transfer_s, held)
 
     def _update(self, full, serving: dict[int, str], ex_id: str) -> int:
         """Touch served copies and place new segments, deepest first; evict; return put bytes."""
         loc, caches, seg_b = self.loc, self.caches, self.cfg.shape.kv_bytes(self.seg)
         touched: set[str] = set()
         put = 0
-        choices = self.cfg.placement_choices
-        self._clock += 1
-        stamp = self._clock
+        pol, horizons = self.policy, self.horizons
+        choices = self.cfg.policy.placement_choices
+        horizons.clock += 1
+        stamp = horizons.clock
         for i in range(len(full) - 1, -1, -1):
             key = full[i]
             holders = loc.get(key)
@@ -150,14 +189,7 @@ class TokenLake(Policy):
                     caches[h].touch(key, stamp)
                     touched.add(h)
                 continue
-            c = self.copies.get(key, 1)
-            if c > 1:
-                targets = self.placement.homes(key, c)
-            elif choices > 1:  # the candidate home whose LRU holds the oldest data
-                targets = [min(self.placement.homes(key, choices),
-                               key=lambda t: caches[t].oldest_stamp())]
-            else:
-                targets = [self.placement.home(key)]
+            targets = pol.place(key, horizons)
             loc[key] = set(targets)
             if i:
                 self.parent[key] = full[i - 1]
@@ -165,7 +197,7 @@ class TokenLake(Policy):
             for t in targets:
                 caches[t].touch(key, stamp)
                 if choices > 1:
-                    self._evict(t)  # keep ages current for the next choice
+                    self._evict(t)  # keep horizons current for the next choice
                 else:
                     touched.add(t)
                 if t != ex_id:
@@ -174,14 +206,20 @@ class TokenLake(Policy):
             self._evict(w)
         return put
 
+    def pressure(self, running: Mapping[int, int]) -> None:
+        for i, tokens in running.items():
+            w = self.ids[i]
+            self.caches[w].capacity = self.room(tokens)
+            self._evict(w)
+
     def _evict(self, w: str) -> None:
         loc, nkids = self.loc, self.nkids
         keep = None
-        if self.cfg.pool_leaf_first:
-            # Pass over the last copy of a segment whose children are cached somewhere:
-            # dropping it would strand them (a prefix is only usable from the root).
+        if self.cfg.policy.pool_leaf_first:
+            keep_last = self.policy.keep_last_copy
+
             def keep(key: int) -> bool:
-                return nkids.get(key, 0) > 0 and len(loc.get(key, ())) == 1
+                return keep_last(nkids.get(key, 0) > 0, len(loc.get(key, ())) - 1)
 
         for key in self.caches[w].overflow(keep):
             holders = loc.get(key)
@@ -201,13 +239,16 @@ class TokenLake(Policy):
 
     def replan(self) -> int:
         """Re-plan hot-segment replicas; return the bytes copying new replicas moved."""
-        want = self.planner.plan(self.hh.hot(), len(self.ids))
+        pol = self.policy
+        before = pol.copies
+        pol.plan_replicas(self.hh.hot())
+        want, homes = pol.copies, pol.placement.homes
         loc, caches = self.loc, self.caches
         seg_b = self.cfg.shape.kv_bytes(self.seg)
-        for key, old in self.copies.items():
+        for key, old in before.items():
             new = want.get(key, 1)
             if new < old and key in loc:
-                for t in self.placement.homes(key, old)[new:]:
+                for t in homes(key, old)[new:]:
                     if t in loc[key] and len(loc[key]) > 1:
                         loc[key].discard(t)
                         caches[t].discard(key)
@@ -217,14 +258,13 @@ class TokenLake(Policy):
             holders = loc.get(key)
             if not holders:
                 continue
-            for t in self.placement.homes(key, c):
+            for t in homes(key, c):
                 if t not in holders:
                     holders.add(t)
-                    caches[t].touch(key, self._clock)
+                    caches[t].touch(key, self.horizons.clock)
                     touched.add(t)
                     moved += seg_b
                     self._replicas_made += 1
-        self.copies = want
         for w in touched:
             self._evict(w)
         extra = sum(len(loc[k]) - 1 for k in want if k in loc)
@@ -238,5 +278,5 @@ class TokenLake(Policy):
             "replicas_made": self._replicas_made,
             "replicas_dropped": self._replicas_dropped,
             "peak_extra_replicas": self._peak_extra,
-            "hot_segments_last_plan": len(self.copies),
+            "hot_segments_last_plan": len(self.policy.copies),
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import zmq
 import zmq.auth
@@ -28,8 +28,33 @@ def keygen(directory: str) -> tuple[Path, Path]:
     return Path(pub), Path(sec)
 
 
-def load_pool_keys(directory: str) -> tuple[bytes, bytes]:
-    """(public, secret) of the pool; clear errors when the files are missing."""
+class CurveKeys(NamedTuple):
+    """What a CURVE socket of the pool is given. The pool has one keypair, so a
+    client's ``server_public`` is its own ``public``; a broker uses ``public`` and
+    ``secret``."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+
+def load_curve_keys(directory: Optional[str]) -> Optional[CurveKeys]:
+    """The keys in ``directory`` (made by ``keygen``); None when no directory is given.
+
+    The one place keys are read: brokers, peer agents and ``tokenlake status`` all
+    start from it.
+    """
+    if not directory:
+        return None
+    pub, sec = _load_pool_keys(directory)
+    return CurveKeys(pub, pub, sec)
+
+
+def _load_pool_keys(directory: str) -> tuple[bytes, bytes]:
+    """(public, secret) of the pool; clear errors when the files are missing.
+
+    Prefer ``load_curve_keys``; this reads the files for it.
+    """
     sec = Path(directory) / f"{POOL_NAME}.key_secret"
     if not sec.exists():
         raise FileNotFoundError(

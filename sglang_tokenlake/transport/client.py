@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import zmq
 
 from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, decode, encode
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.transport.auth import CurveKeys
 
 
 class RemoteError(RuntimeError):
@@ -27,20 +30,16 @@ class Client:
         endpoint: str,
         *,
         context: Optional[zmq.Context] = None,
-        curve_server_key: Optional[bytes] = None,
-        curve_public_key: Optional[bytes] = None,
-        curve_secret_key: Optional[bytes] = None,
+        curve: Optional[CurveKeys] = None,
     ) -> None:
         self.endpoint = endpoint
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        if curve_server_key is not None:
-            if curve_public_key is None or curve_secret_key is None:
-                raise ValueError("a CURVE client needs its own public and secret key")
-            self.sock.curve_serverkey = curve_server_key
-            self.sock.curve_publickey = curve_public_key
-            self.sock.curve_secretkey = curve_secret_key
+        if curve is not None:
+            self.sock.curve_serverkey = curve.server_public
+            self.sock.curve_publickey = curve.public
+            self.sock.curve_secretkey = curve.secret
         self.sock.connect(endpoint)
         self._ids = itertools.count(1)
 

@@ -23,11 +23,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import zmq
 
 from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, decode, encode
+from sglang_tokenlake.transport.wake import Waker
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.transport.auth import CurveKeys
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class PeerAgent:
         self,
         *,
         context: Optional[zmq.Context] = None,
-        curve: Optional[tuple[bytes, bytes, bytes]] = None,  # (server public, own public, own secret)
+        curve: Optional[CurveKeys] = None,  # from auth.load_curve_keys
         heartbeat_interval: float = 0.5,
         on_tick: Optional[Callable[[], None]] = None,
         max_inflight: int = 1024,
@@ -59,10 +63,8 @@ class PeerAgent:
         self.name = name
         self._ids = itertools.count(1)
         self._outbox: deque = deque()
-        self._inproc = f"inproc://tokenlake-agent-{id(self)}"
-        self._local = threading.local()
-        self._wake_sockets: list[zmq.Socket] = []
-        self._wake_lock = threading.Lock()
+        # Its PULL socket moves to the agent thread, which alone polls it.
+        self._waker = Waker(self.ctx)
         self._sockets: dict[str, zmq.Socket] = {}
         self._by_socket: dict[zmq.Socket, str] = {}
         self._pending: dict[int, tuple[Future, float, str]] = {}
@@ -84,11 +86,10 @@ class PeerAgent:
     def close(self) -> None:
         self._stop.set()
         self._wake()
-        if self._thread is not None:
+        if self._thread is None:
+            self._waker.close()  # never started; else the agent thread closes it on its way out
+        else:
             self._thread.join(5)
-        with self._wake_lock:
-            for s in self._wake_sockets:
-                s.close(linger=0)
 
     # -- API (any thread) --------------------------------------------------------
 
@@ -125,19 +126,7 @@ class PeerAgent:
     # -- internals ------------------------------------------------------------------
 
     def _wake(self) -> None:
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 1)
-            sock.connect(self._inproc)
-            self._local.push = sock
-            with self._wake_lock:
-                self._wake_sockets.append(sock)
-        try:
-            sock.send(b"", zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # a wake-up is already pending
+        self._waker.wake()
 
     def _finish(self, req_id: int, result: Any = None, exc: Optional[BaseException] = None) -> None:
         entry = self._pending.pop(req_id, None)
@@ -181,9 +170,7 @@ class PeerAgent:
                 self._finish(req_id, exc=ConnectionError(f"peer {peer} disconnected"))
 
     def _run(self) -> None:
-        wake = self.ctx.socket(zmq.PULL)
-        wake.setsockopt(zmq.LINGER, 0)
-        wake.bind(self._inproc)
+        wake = self._waker.socket
         self._poller = zmq.Poller()
         self._poller.register(wake, zmq.POLLIN)
         self._ready.set()
@@ -202,11 +189,7 @@ class PeerAgent:
                 timeout_ms = max(1, int(1000 * (next_tick - time.monotonic())))
                 events = dict(self._poller.poll(timeout_ms))
                 if wake in events:
-                    while True:
-                        try:
-                            wake.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                    self._waker.drain()
                 self._drain_outbox()
                 for sock in events:
                     if sock is wake:
@@ -217,7 +200,7 @@ class PeerAgent:
                 self._close(peer)
             for req_id in list(self._pending):
                 self._finish(req_id, exc=ConnectionError("peer agent stopped"))
-            wake.close(linger=0)
+            self._waker.close()
 
     def _drain_outbox(self) -> None:
         while self._outbox:

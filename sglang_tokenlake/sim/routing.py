@@ -1,19 +1,25 @@
-"""The sglang-router ``cache_aware`` policy as a plain-Python baseline.
+"""The sglang-router ``cache_aware`` policy as a plain-Python baseline (not TokenLake's routing).
 
 What the router (sgl-router, policies/cache_aware.rs and policies/tree.rs; the
 ``sglang-router`` 0.3.2 wheel) does for each request::
 
-    loads = in-flight requests per worker (routed, not yet finished)
+    loads = in-flight requests per worker (counted by the router: routed, not finished)
     if max(loads) - min(loads) > balance_abs_threshold
        and max(loads) > min(loads) * balance_rel_threshold:
-        worker = the first worker with the smallest load       # "imbalanced"
+        worker = the first worker with the smallest load        # "imbalanced"
     else:
         matched, tenant = tree.prefix_match(text)
         if matched / len(text) > cache_threshold:
-            worker = tenant                                      # "cache_hit"
+            worker = tenant                                       # "cache_hit"
         else:
-            worker = the worker whose tree holds the fewest characters  # "smallest_tree"
+            worker = the first worker with the smallest load      # "least_loaded"
     tree.insert(text, worker)
+
+The weak-match fallback is the least loaded worker since upstream PR #14650
+(Dec 2025; the module's doc comment still says "smallest tree"). Up to 0.1.9, the
+era of the TokenLake paper, it was the worker whose tree holds the fewest
+characters, with thresholds 0.5 / 32 / 1.0001: ``CacheAwareConfig.v019()``.
+"First worker with the smallest load" is worker order, as Rust's ``min_by_key``.
 
 The tree is the router's own approximate radix tree over request *text* (never
 the workers' caches), shared by all workers (*tenants*): each node records which
@@ -25,8 +31,7 @@ matched node, and refreshes that tenant's access time along the path. Every
 
 Defaults are those ``python -m sglang_router.launch_router`` 0.3.2 actually uses
 (``RouterArgs``: cache_threshold 0.3, balance_abs_threshold 64,
-balance_rel_threshold 1.5, eviction_interval_secs 60, max_tree_size 2**26); its
-docstrings still say 0.5 / 32 / 1.0001 and 2**24, older values.
+balance_rel_threshold 1.5, eviction_interval_secs 60, max_tree_size 2**26).
 
 Simplifications (documented in docs/simulator.md):
 - The tree is uncompressed: one node per *unit*. Units are characters for text
@@ -45,7 +50,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 ROOT = 0
 
@@ -64,6 +69,20 @@ class CacheAwareConfig:
     """Seconds between tree evictions."""
     max_tree_size: int = 2**26
     """Characters each tenant may keep in the tree after an eviction."""
+    fallback: Literal["least_loaded", "smallest_tree"] = "least_loaded"
+    """Where a balanced request whose match is at most ``cache_threshold`` goes: the
+    least loaded worker (0.3.2) or the worker with the smallest tree (<= 0.1.9)."""
+
+    def __post_init__(self) -> None:
+        if self.fallback not in ("least_loaded", "smallest_tree"):
+            raise ValueError(f"fallback must be least_loaded or smallest_tree, got {self.fallback!r}")
+
+    @classmethod
+    def v019(cls) -> CacheAwareConfig:
+        """The rule of sglang-router <= 0.1.9 (the TokenLake paper's baseline): thresholds
+        0.5 / 32 / 1.0001, trees of 2**24 characters, smallest-tree fallback."""
+        return cls(cache_threshold=0.5, balance_abs_threshold=32, balance_rel_threshold=1.0001,
+                   max_tree_size=2**24, fallback="smallest_tree")
 
 
 class _Node:
@@ -172,12 +191,13 @@ class ApproxTree:
 class Decision(NamedTuple):
     worker: str
     reason: str
-    """``"imbalanced"``, ``"cache_hit"`` or ``"smallest_tree"``."""
+    """``"imbalanced"``, ``"cache_hit"``, or the fallback: ``"least_loaded"`` / ``"smallest_tree"``."""
     match_rate: float
 
 
 class CacheAwareRouter:
-    """sglang-router's ``cache_aware`` decision for a fixed list of workers.
+    """sglang-router's ``cache_aware`` decision for a fixed list of workers (0.3.2 by
+    default; ``CacheAwareConfig.v019()`` for the paper-era rule).
 
     ``loads`` (in-flight requests per worker) come from the caller: the router
     counts a request from routing until its response ends.
@@ -190,7 +210,7 @@ class CacheAwareRouter:
         for w in self.workers:
             self.tree.add_tenant(w)
         self._last_eviction = 0.0
-        self.decisions: dict[str, int] = {"imbalanced": 0, "cache_hit": 0, "smallest_tree": 0}
+        self.decisions: dict[str, int] = {"imbalanced": 0, "cache_hit": 0, config.fallback: 0}
 
     def select(self, units: Sequence[Hashable], loads: Mapping[str, int],
                lengths: Optional[Sequence[int]] = None, now: float = 0.0) -> Decision:
@@ -199,15 +219,17 @@ class CacheAwareRouter:
         cfg = self.config
         ls = [loads.get(w, 0) for w in self.workers]
         hi, lo = max(ls), min(ls)
+        least = self.workers[ls.index(lo)]  # the first with the minimum, as min_by_key
         if hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold:
-            worker = self.workers[ls.index(lo)]
-            self.tree.insert(units, worker, lengths)
-            return self._count(Decision(worker, "imbalanced", 0.0))
+            self.tree.insert(units, least, lengths)
+            return self._count(Decision(least, "imbalanced", 0.0))
         total = len(units) if lengths is None else sum(lengths)
         matched, tenant = self.tree.prefix_match(units, lengths)
         rate = matched / total if total else 0.0
         if rate > cfg.cache_threshold and tenant in self.tree.size:
             d = Decision(tenant, "cache_hit", rate)
+        elif cfg.fallback == "least_loaded":
+            d = Decision(least, "least_loaded", rate)
         else:
             d = Decision(self.tree.smallest_tenant(self.workers), "smallest_tree", rate)
         self.tree.insert(units, d.worker, lengths)

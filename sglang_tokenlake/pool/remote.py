@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from sglang_tokenlake.attention import merge_states, partial_attention
+from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
+from sglang_tokenlake.transport.peers import PeerAgent
 
 logger = logging.getLogger(__name__)
-
-ENGINE: Optional[RemoteAttention] = None  # the process's engine, set by the pool service
 
 
 @dataclass
@@ -73,28 +73,42 @@ class RemotePlan:
 
 
 class RemoteAttention:
-    """Requester and owner sides of query shipping for one worker."""
+    """Requester and owner sides of query shipping for one worker.
 
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-        self.cache = pool.cache
-        self.kvcache = pool.kvcache
+    Args:
+        host: the worker's cache (tree, request-to-slot table, KV memory).
+        view: members (``self_id``, ``suspect``).
+        agent: requests to peers.
+        query_timeout: seconds an owner may take to answer one layer's queries.
+        counters: the pool's counters.
+    """
+
+    def __init__(self, host: CacheHost, view: PoolView, agent: PeerAgent, query_timeout: float,
+                 counters: defaultdict[str, int]) -> None:
+        self.host = host
+        self.view = view
+        self.agent = agent
+        self.tree = host.tree
+        self.S = host.segment_size
+        self.query_timeout = query_timeout
+        self.kvcache = host.kv_store()
         self.plans: dict[int, RemotePlan] = {}  # id(req) -> plan
         self.active: dict[int, tuple[Any, RemotePlan]] = {}  # req_pool_idx -> (req, plan)
         self.leases: dict[str, tuple[str, list[Any]]] = {}  # lease id -> (peer, locked nodes)
         self.pending_retract: list[tuple[Any, Any]] = []  # (batch, req) after a failed pass
-        self.counters = pool.counters
+        self.hooked = 0  # attention-hook calls in the current forward pass
+        self.counters = counters
 
     # -- requester: plans ------------------------------------------------------------
 
     def new_plan(self, owners: dict[str, list[tuple[int, int]]]) -> RemotePlan:
-        return RemotePlan(uuid.uuid4().hex, self.pool.S, owners)
+        return RemotePlan(uuid.uuid4().hex, self.S, owners)
 
     def lease(self, plan: RemotePlan, deadline: float) -> bool:
         """Pin the plan's segments at their owners; all or nothing."""
         futs = {
-            owner: self.pool.agent.request(
-                owner, "lease", {"from": self.pool.self_id, "lease": plan.lease,
+            owner: self.agent.request(
+                owner, "lease", {"from": self.view.self_id, "lease": plan.lease,
                                  "keys": [k for _, k in segs]},
                 timeout=max(0.05, deadline - time.monotonic()))
             for owner, segs in plan.owners.items()
@@ -114,8 +128,8 @@ class RemoteAttention:
 
     def release(self, plan: RemotePlan) -> None:
         for owner in plan.owners:
-            self.pool.agent.request(owner, "unlease", {"from": self.pool.self_id,
-                                                       "lease": plan.lease}, timeout=5.0)
+            self.agent.request(owner, "unlease", {"from": self.view.self_id, "lease": plan.lease},
+                               timeout=5.0)
 
     def attach(self, req: Any, plan: RemotePlan) -> None:
         self.plans[id(req)] = plan
@@ -133,6 +147,7 @@ class RemoteAttention:
 
     def begin_forward(self, batch: Any) -> None:
         self.active = {}
+        self.hooked = 0
         if not self.plans or batch is None:
             return
         for req in getattr(batch, "reqs", ()) or ():
@@ -141,6 +156,15 @@ class RemoteAttention:
                 self.active[int(req.kv.req_pool_idx)] = (req, plan)
 
     def end_forward(self, batch: Any) -> None:
+        if self.active and not self.hooked:
+            # The pass never reached the attention hook (a replayed CUDA graph, an
+            # attention backend without the hook): its remote positions read the
+            # padding slot. Nothing of it may be committed.
+            self.counters["ship_unhooked_passes"] += 1
+            logger.error("TokenLake: a forward pass with shipped segments bypassed the "
+                         "attention hook; its requests start over")
+            for _, plan in self.active.values():
+                plan.failed = True
         for req, plan in self.active.values():
             if plan.failed:
                 req.is_retracted = True  # the result processor commits nothing for it
@@ -150,6 +174,7 @@ class RemoteAttention:
     def replace_outputs(self, q: torch.Tensor, o: torch.Tensor, layer: Any, fb: Any,
                         decode: bool, apply_cap: bool) -> None:
         """Overwrite ``o`` rows of requests with a remote plan by the merged attention."""
+        self.hooked += 1
         rpi = fb.req_pool_indices.tolist()
         rows = [(i, *self.active[p]) for i, p in enumerate(rpi) if p in self.active]
         if not rows:
@@ -178,7 +203,7 @@ class RemoteAttention:
         # 2. local partials while the owners work
         k_buf = self.kvcache.get_key_buffer(layer.layer_id)
         v_buf = self.kvcache.get_value_buffer(layer.layer_id)
-        req_to_token = self.cache.req_to_token_pool.req_to_token
+        req_to_token = self.host.req_to_token()
         local: dict[int, Any] = {}
         for i, _, plan in rows:
             qi = q3[starts[i] : starts[i] + n_q[i]]
@@ -188,7 +213,7 @@ class RemoteAttention:
                                          scale=scale, logit_cap=cap)
         # 3. gather the owners' partials, merge
         parts: dict[int, list[Any]] = {i: [local[i]] for i, _, _ in rows}
-        deadline = time.monotonic() + self.pool.config.query_timeout
+        deadline = time.monotonic() + self.query_timeout
         for owner, (fut, entries) in futs.items():
             try:
                 msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -198,7 +223,7 @@ class RemoteAttention:
                     if not plan.failed:
                         plan.failed = True
                         self.counters["ship_failures"] += 1
-                        self.pool.suspect(owner)
+                        self.view.suspect(owner)
                         logger.warning("TokenLake: owner %s failed a query (%s); the request "
                                        "will start over without it", owner, e)
                 continue
@@ -214,7 +239,7 @@ class RemoteAttention:
               entries: list[tuple[int, RemotePlan, torch.Tensor]]) -> tuple[Future, list]:
         qs = torch.cat([qi for _, _, qi in entries]).contiguous().cpu()
         header = {
-            "from": self.pool.self_id, "layer": int(layer.layer_id), "scale": float(scale),
+            "from": self.view.self_id, "layer": int(layer.layer_id), "scale": float(scale),
             "cap": cap, "dtype": str(qs.dtype).replace("torch.", ""), "heads": int(qs.shape[1]),
             "dim": int(qs.shape[2]), "v_dim": int(layer.v_head_dim),
             "reqs": [[plan.lease, int(qi.shape[0]), [k for _, k in plan.owners[owner]]]
@@ -222,8 +247,7 @@ class RemoteAttention:
         }
         buf = qs.view(torch.uint8).numpy().reshape(-1)
         self.counters["query_bytes"] += buf.nbytes
-        fut = self.pool.agent.request(owner, "attend", header, [buf],
-                                      timeout=self.pool.config.query_timeout)
+        fut = self.agent.request(owner, "attend", header, [buf], timeout=self.query_timeout)
         return fut, entries
 
     def _unpack(self, msg: Any, entries: list, layer: Any, dtype: torch.dtype) -> list[Any]:
@@ -299,13 +323,13 @@ class RemoteAttention:
             held = self.leases.get(lease)
             slots = []
             for k in keys:
-                node = self.pool.tree.nodes.get(k)
+                node = self.tree.nodes.get(k)
                 if held is None or node is None or node.value is None:
                     req.error(f"attend: segment {k:#x} is not leased here")
                     self.counters["attend_missing"] += 1
                     return
                 base, off_ = node.value
-                slots.append(base[off_ : off_ + self.pool.S])
+                slots.append(base[off_ : off_ + self.S])
             st = partial_attention(q[off : off + n], k_buf, v_buf, torch.cat(slots), causal=False,
                                    scale=scale, logit_cap=cap)
             outs.append(st.o)
@@ -322,17 +346,17 @@ class RemoteAttention:
         """Scheduler thread: pin ``keys`` for ``peer``'s request (all must be local)."""
         nodes = []
         for k in keys:
-            node = self.pool.tree.nodes.get(k)
+            node = self.tree.nodes.get(k)
             if node is None or node.value is None:
                 for n in nodes:
-                    self.pool.tree.unlock(n)
+                    self.tree.unlock(n)
                 return False
-            self.pool.tree.lock(node)
+            self.tree.lock(node)
             nodes.append(node)
         old = self.leases.pop(lease, None)
         if old is not None:
             for n in old[1]:
-                self.pool.tree.unlock(n)
+                self.tree.unlock(n)
         self.leases[lease] = (peer, nodes)
         return True
 
@@ -340,7 +364,7 @@ class RemoteAttention:
         held = self.leases.pop(lease, None)
         if held is not None:
             for n in held[1]:
-                self.pool.tree.unlock(n)
+                self.tree.unlock(n)
 
     def drop_peer_leases(self, peer: str) -> None:
         for lease, (p, _) in list(self.leases.items()):

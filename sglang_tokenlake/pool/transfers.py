@@ -14,18 +14,27 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
 from sglang_tokenlake import kvio
+from sglang_tokenlake.config import TokenLakeConfig
+from sglang_tokenlake.dispatch import Assignment, Mode, ModelShape
 from sglang_tokenlake.placement import homes
+from sglang_tokenlake.policy import PoolPolicy
+from sglang_tokenlake.pool.index import MAX_CHAIN, IndexSync, int_list
+from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.segments import segment_bytes
-from sglang_tokenlake.sglang.index_sync import MAX_CHAIN, _int_list
 from sglang_tokenlake.transport.broker import Request
+from sglang_tokenlake.transport.peers import PeerAgent
 from sglang_tokenlake.tree import SegmentNode
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.pool.remote import RemoteAttention
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +47,42 @@ def _wire_tensor(buf: memoryview) -> torch.Tensor:
 
 
 class Transfers:
-    """Mixin of PoolLink: puts, pulls and the choice of mode per remote segment."""
+    """Puts, pulls and the choice of replica and mode per remote segment.
+
+    Args:
+        host: the worker's cache.
+        view: members, homes and loads (the ``PoolLink``).
+        policy: the pool's policy (dispatch).
+        index: announces what this worker comes to hold as a home.
+        agent: requests to peers.
+        config: the worker's TokenLake settings.
+        counters: the pool's counters.
+        known_sender: the sender of a request if it is a live member, else None.
+    """
+
+    def __init__(self, host: CacheHost, view: PoolView, policy: PoolPolicy, index: IndexSync,
+                 agent: PeerAgent, config: TokenLakeConfig, counters: defaultdict[str, int],
+                 known_sender: Callable[[Request], Optional[str]]) -> None:
+        self.host = host
+        self.known_sender = known_sender
+        self.tree = host.tree
+        self.view = view
+        self.policy = policy
+        self.index = index
+        self.agent = agent
+        self.config = config
+        self.counters = counters
+        self.self_id = view.self_id
+        self.S = host.segment_size
+        self.kvcache = host.kv_store()
+        self.layout = kvio.layout_of(self.kvcache)
+        self.seg_bytes = self.S * self.layout.bytes_per_token()
+        self.remote: Optional[RemoteAttention] = None  # set by the link
+        self.ship_ok = True  # query shipping possible on this worker (set by the adapter)
+        self._pulls: dict[int, tuple[Future, int, float]] = {}  # key -> (future, index, started)
+        self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
+        self._decisions: dict[int, tuple[tuple[int, ...], list[Assignment]]] = {}  # id(req) ->
+        self.drop: set[SegmentNode] = set()  # transient copies to drop once unlocked
 
     def _put(self, home: str, keys: list[int], path: list[SegmentNode], idxs: list[int],
              migrate: bool = False) -> None:
@@ -61,42 +105,39 @@ class Transfers:
 
         def done(f: Future) -> None:
             held = f.result().header.get("held") if f.exception() is None else None
-            if not _int_list(held):
-                held = []
-            acked = [nodes[i] for i in held if i in nodes]
-            failed = [n for i, n in nodes.items() if i not in set(held)]
+            held = set(held) if int_list(held) else set()
+            acked = [n for i, n in nodes.items() if i in held]
+            failed = [n for i, n in nodes.items() if i not in held]
             if failed:
                 self.counters["put_failures"] += len(failed)
-            self.cache.submit(lambda: self._put_done(home, acked, failed, migrate))
+            self.host.submit(lambda: self._put_done(home, acked, failed, migrate))
 
         fut.add_done_callback(done)
 
     def _put_done(self, home: str, acked: list[SegmentNode], failed: list[SegmentNode],
                   migrate: bool) -> None:
+        if migrate:  # failed ones stay designated here; tried again at the next change
+            self._migrating.difference_update(n.key for n in acked + failed)
         for n in acked:
-            if migrate:
-                self._migrating.discard(n.key)
             if n.parent is None:
                 continue  # evicted meanwhile
             n.owners.add(home)
-            if migrate:
-                if n.value is not None and n.designated and not self.designated(n.key):
-                    n.designated = False
-                    self._evicted.append(n.key)
+            if migrate and n.value is not None and n.designated and not self.view.designated(n):
+                n.designated = False
+                self.index.retract([n.key])
             if not self.config.transient_copies:
-                self._drop.add(n)
-        if migrate:
-            for n in failed:  # kept designated here; tried again at the next change
-                self._migrating.discard(n.key)
+                self.drop.add(n)
 
     def migrate(self, node: SegmentNode) -> bool:
         """Hand the pool's only copy of ``node`` to its new home (membership changed).
 
         Returns False when another live member already holds it.
         """
-        if node.key in self._migrating or any(self.usable(o) for o in node.owners):
-            return node.key in self._migrating
-        home = self.home_of(node.key)
+        if node.key in self._migrating:
+            return True
+        if any(self.view.usable(o) for o in node.owners):
+            return False
+        home = self.view.target_of(node.key)
         if home == self.self_id:
             return False
         path = self.tree.path_to(node)
@@ -112,7 +153,7 @@ class Transfers:
         int64 bytes of the request's full segments); the run ends before one that
         does not (a key collision), exactly as a local match would.
         """
-        if len(self.alive()) == 1:
+        if len(self.view.alive()) == 1:
             return []
         run = []
         step = self.S * 8
@@ -120,35 +161,37 @@ class Transfers:
             if node.value is not None:
                 if node.tokens != raw[i * step : (i + 1) * step]:
                     break
-            elif not any(self.usable(o) for o in node.owners):
+            elif not any(self.view.usable(o) for o in node.owners):
                 break
             run.append(node)
         return run
 
-    def choose_modes(self, run: list[SegmentNode], new_tokens: int, max_new_tokens: int,
-                     q_heads: int) -> list[str]:
-        """Per node of ``run``: 'local', 'ship', 'pull' or 'recompute' (by the dispatch rules)."""
-        from sglang_tokenlake import dispatch
-
-        mode = self.config.remote_mode
-        if mode != "auto":
-            return ["local" if n.value is not None else mode for n in run]
-        if not self.ship_ok:
-            return ["local" if n.value is not None else "pull" for n in run]
+    def assign(self, run: list[SegmentNode], new_tokens: int,
+               max_new_tokens: int) -> list[Assignment]:
+        """Per node of ``run``: the serving worker and the mode, by the pool's policy
+        (``PoolPolicy.dispatch``); ``--tokenlake-remote-mode ship|pull`` pins the mode
+        of every remote segment, and a worker that cannot ship pulls."""
         lay = self.layout
-        shape = dispatch.ModelShape(layers=lay.layers, q_heads=q_heads, kv_heads=lay.kv_heads,
-                                    head_dim=lay.head_dim, dtype_bytes=lay.itemsize)
+        shape = ModelShape(layers=lay.layers, q_heads=max(1, self.host.q_heads),
+                           kv_heads=lay.kv_heads, head_dim=lay.head_dim, dtype_bytes=lay.itemsize)
         locations = {n.key: ({self.self_id} if n.value is not None else
-                             {o for o in n.owners if self.usable(o)}) for n in run}
-        plan = dispatch.plan([n.key for n in run], locations, {}, executor=self.self_id,
-                             new_tokens=new_tokens, expected_output_tokens=max_new_tokens,
-                             segment_tokens=self.S, shape=shape)
-        names = {dispatch.Mode.LOCAL: "local", dispatch.Mode.SHIP_QUERY: "ship",
-                 dispatch.Mode.PULL_KV: "pull", dispatch.Mode.RECOMPUTE: "recompute"}
-        modes = [names[a.mode] for a in plan]
-        for m in modes:
-            self.counters[f"planned_{m}_segments"] += 1
-        return modes
+                             {o for o in n.owners if self.view.usable(o)}) for n in run}
+        plan = self.policy.dispatch([n.key for n in run], locations, self.view.loads(),
+                                    executor=self.self_id, new_tokens=new_tokens,
+                                    expected_output_tokens=max_new_tokens, shape=shape)
+        forced = {"ship": Mode.SHIP_QUERY, "pull": Mode.PULL_KV}.get(self.config.remote_mode)
+        if forced is Mode.SHIP_QUERY and not self.ship_ok:
+            forced = Mode.PULL_KV
+        if forced is None and not self.ship_ok:
+            forced = Mode.PULL_KV
+        out = []
+        for a, n in zip(plan, run):
+            if forced is not None and a.mode is not Mode.LOCAL:
+                worker = a.worker if a.mode is not Mode.RECOMPUTE else self.owner_for(n)
+                a = Assignment(a.key, worker or self.self_id, forced if worker else Mode.RECOMPUTE)
+            self.counters[f"planned_{a.mode.value}_segments"] += 1
+            out.append(a)
+        return out
 
     def plan_run(self, req: Any, n_tokens: int, local: int, run: list[SegmentNode]) -> list[SegmentNode]:
         """Choose per remote segment ship / pull / recompute; cut the run at the first
@@ -156,21 +199,25 @@ class Transfers:
         S = self.S
         new_tokens = max(1, n_tokens - (local + len(run)) * S)
         max_new = int(getattr(getattr(req, "sampling_params", None), "max_new_tokens", 0) or 0)
-        modes = self.choose_modes(run, new_tokens, max_new, self.cache.q_heads)
-        if "recompute" in modes:
-            cut = modes.index("recompute")
-            run, modes = run[:cut], modes[:cut]
+        plan = self.assign(run, new_tokens, max_new)
+        cut = next((i for i, a in enumerate(plan) if a.mode is Mode.RECOMPUTE), len(plan))
+        run, plan = run[:cut], plan[:cut]
         if req is not None and run:
-            self.cache._decisions[id(req)] = (tuple(n.key for n in run), modes)
-        self.prefetch([n for n, m in zip(run, modes) if m == "pull"])
+            self._decisions[id(req)] = (tuple(n.key for n in run), plan)
+        self.prefetch([n for n, a in zip(run, plan) if a.mode is Mode.PULL_KV],
+                      [a.worker for a in plan if a.mode is Mode.PULL_KV])
         return run
+
+    def forget(self, req: Any) -> None:
+        """A request left the scheduler: drop its dispatch decisions."""
+        self._decisions.pop(id(req), None)
 
     def load_back(self, req: Any, best_match_node: SegmentNode, device_node: SegmentNode,
                   host_hit_length: int) -> tuple[int, SegmentNode]:
         """Bring in the remote run of ``req``: lease its shipped segments at their
         owners and pull the rest into local slots. Returns (tokens now usable,
         last node); all or nothing, (0, device_node) on any failure."""
-        cache = self.cache
+        stats = self.host.stats
         S = self.S
         run: list[SegmentNode] = []
         node = best_match_node
@@ -179,32 +226,37 @@ class Transfers:
             node = node.parent
         run.reverse()
         if not run or node is not device_node or len(run) * S != host_hit_length:
-            cache.stats.pull_fallbacks += 1
+            stats.pull_fallbacks += 1
             return 0, device_node
         start = device_node.depth + 1
         raw = segment_bytes(req.full_untruncated_fill_ids, S, limit=(start + len(run)) * S)[start * S * 8 :]
         if len(raw) != len(run) * S * 8:
-            cache.stats.pull_fallbacks += 1
+            stats.pull_fallbacks += 1
             return 0, device_node
         seg_tokens = [raw[i * S * 8 : (i + 1) * S * 8] for i in range(len(run))]
         keys = tuple(n.key for n in run)
-        decided = cache._decisions.get(id(req))
-        modes = decided[1] if decided is not None and decided[0] == keys else ["pull"] * len(run)
+        decided = self._decisions.get(id(req))
+        decided_plan = (decided[1] if decided is not None and decided[0] == keys
+                 else [Assignment(n.key, "", Mode.PULL_KV) for n in run])
         deadline = time.monotonic() + self.config.pull_timeout
         plan = None
         owners: dict[str, list[tuple[int, int]]] = {}
         pull: list[int] = []
         ship: list[int] = []
-        for i, (n, m) in enumerate(zip(run, modes)):
+        for i, (n, a) in enumerate(zip(run, decided_plan)):
             if n.value is not None:
                 continue
-            owner = self.owner_for(n) if m == "ship" else None
+            owner = None
+            if a.mode is Mode.SHIP_QUERY:
+                ok_worker = a.worker in n.owners and self.view.usable(a.worker)
+                owner = a.worker if ok_worker else self.owner_for(n)
             if owner is None:
                 pull.append(i)
             else:
                 ship.append(i)
                 owners.setdefault(owner, []).append((n.depth, n.key))
         if owners:
+            assert self.remote is not None
             plan = self.remote.new_plan(owners)
             if not self.remote.lease(plan, deadline):
                 # No pinned copy to ship queries to: pull those segments instead.
@@ -217,29 +269,34 @@ class Transfers:
             self.tree.unlock(run[-1])
         if not ok:
             if plan is not None:
+                assert self.remote is not None
                 self.remote.release(plan)
-            cache.stats.pull_fallbacks += 1
+            stats.pull_fallbacks += 1
             return 0, device_node
         if plan is not None:
+            assert self.remote is not None
             self.remote.attach(req, plan)
-            cache.stats.shipped_tokens += plan.remote_tokens()
+            stats.shipped_tokens += plan.remote_tokens()
             self.counters["shipped_segments"] += len(ship)
-        cache.stats.pulled_tokens += len(pull) * S
+        stats.pulled_tokens += len(pull) * S
         return len(run) * S, run[-1]
 
     def owner_for(self, node: SegmentNode) -> Optional[str]:
-        owners = [o for o in node.owners if self.usable(o)]
+        owners = [o for o in node.owners if self.view.usable(o)]
         if not owners:
             return None
         # Spread load over replicas: the rendezvous order among the owners.
         return homes(node.key, {o: 1 for o in owners}, 1)[0]
 
-    def prefetch(self, run: list[SegmentNode]) -> None:
+    def prefetch(self, run: list[SegmentNode], workers: Optional[list[str]] = None) -> None:
+        """Start pulling ``run``'s segments, each from ``workers[i]`` when it still holds
+        it (the dispatch's replica choice), else from one of its usable owners."""
         by_owner: dict[str, list[int]] = defaultdict(list)
-        for node in run:
+        for i, node in enumerate(run):
             if node.value is not None or node.key in self._pulls:
                 continue
-            owner = self.owner_for(node)
+            w = workers[i] if workers is not None else None
+            owner = w if w in node.owners and self.view.usable(w) else self.owner_for(node)
             if owner is None:
                 continue
             by_owner[owner].append(node.key)
@@ -287,7 +344,7 @@ class Transfers:
             datas.append(buf)
         if not need:
             return True
-        slots = self.cache.alloc_slots(len(need) * self.S)
+        slots = self.host.alloc_slots(len(need) * self.S)
         if slots is None:
             self.counters["pull_no_memory"] += 1
             return False
@@ -295,27 +352,43 @@ class Transfers:
             seg = slots[j * self.S : (j + 1) * self.S]
             kvio.scatter(self.kvcache, seg, _wire_tensor(buf), self.layout)
             keys = [x.key for x in self.tree.path_to(node)]
-            designated = self.designated(node.key)
+            designated = self.view.designated(node, new_copy=True)
             _, adopted = self.tree.adopt(keys, (slots, j * self.S), tok, designated=designated)
             assert adopted
             if designated:
-                self._announce.append((keys, [len(keys) - 1]))
+                self.index.announce(keys, [len(keys) - 1])
             elif not self.config.transient_copies:
-                self._drop.add(node)
+                self.drop.add(node)
         self.counters["pulled_segments"] += len(need)
         self.counters["pulled_bytes"] += len(need) * self.seg_bytes
         return True
 
-    def _on_get(self, req: Request) -> None:
-        keys = req.msg.header.get("keys")
-        if self._known_sender(req) is None:
+    def sweep_transient(self) -> None:
+        """Drop transient copies whose home holds them, once no request uses them."""
+        ready = [n for n in self.drop if n.value is not None and n.lock_ref == 0 and n.owners
+                 and not n.designated]
+        if not ready:
             return
-        if not _int_list(keys) or len(keys) > MAX_CHAIN:
+        self.drop.difference_update(ready)
+        self.host.drop_nodes(ready)
+
+    def expire_pulls(self, now: float) -> None:
+        for k, (fut, _, t0) in list(self._pulls.items()):
+            if fut.done() and now - t0 > 30.0:
+                del self._pulls[k]  # prefetched but never used
+
+    # -- broker thread: handlers -------------------------------------------------------------
+
+    def on_get(self, req: Request) -> None:
+        keys = req.msg.header.get("keys")
+        if self.known_sender(req) is None:
+            return
+        if not int_list(keys) or len(keys) > MAX_CHAIN:
             self.counters["malformed"] += 1
             req.error("get: keys must be a list of integers")
             return
         found, toks, bufs = [], [], []
-        with self.slot_mutex:
+        with self.host.slot_mutex:
             for k in keys:
                 node = self.tree.nodes.get(k)
                 value = node.value if node is not None else None
@@ -330,13 +403,13 @@ class Transfers:
         self.counters["served_bytes"] += sum(b.nbytes for b in bufs)
         req.reply("kv", {"found": found, "tokens": toks}, bufs)
 
-    def _on_put(self, req: Request) -> None:
-        if self._known_sender(req) is None:
+    def on_put(self, req: Request) -> None:
+        if self.known_sender(req) is None:
             return
         h, bufs = req.msg.header, req.msg.buffers
         keys, segs, toks = h.get("keys"), h.get("segs"), h.get("tokens")
         ok = (
-            _int_list(keys) and 0 < len(keys) <= MAX_CHAIN and _int_list(segs)
+            int_list(keys) and 0 < len(keys) <= MAX_CHAIN and int_list(segs)
             and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
             and all(0 <= i < len(keys) for i in segs)
             and all(isinstance(t, bytes) and len(t) == self.S * 8 for t in toks)
@@ -355,19 +428,19 @@ class Transfers:
                 if node is not None and node.value is not None:
                     if not node.designated:
                         node.designated = True
-                        self._announce.append(([x.key for x in self.tree.path_to(node)], [node.depth]))
+                        self.index.announce_node(node)
                     held.append(i)
                     continue
-                slots = self.cache.alloc_slots(self.S)
+                slots = self.host.alloc_slots(self.S)
                 if slots is None:
                     self.counters["put_refused_full"] += 1
                     break
                 kvio.scatter(self.kvcache, slots, data, self.layout)
                 self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
-                self._announce.append((list(keys[: i + 1]), [i]))
+                self.index.announce(list(keys[: i + 1]), [i])
                 stored += 1
                 held.append(i)
             self.counters["stored_segments"] += stored
             req.reply("ok", {"stored": stored, "held": held})
 
-        self.cache.submit(job)
+        self.host.submit(job)

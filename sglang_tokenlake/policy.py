@@ -1,0 +1,167 @@
+"""PoolPolicy: the one policy the simulator and the live pool both call.
+
+It decides, from what the pool knows (members, their eviction horizons, the
+pool-wide hotness view, where every segment is held, owner loads):
+
+- **placement**: where a new segment is kept. A hot segment (``copies > 1``)
+  goes to its ``copies`` best rendezvous homes. Any other segment goes to one
+  of its ``placement_choices`` best homes: the one whose oldest cached data is
+  oldest (the largest *eviction horizon*), so memory pressure spreads evenly
+  (two-choice placement); ties keep rendezvous order. A worker holding a copy
+  is a legitimate home (``is_home``) while it is one of those candidates.
+- **replicas**: copies per hot segment from the heavy hitters' shares
+  (``ReplicaPlanner`` under ``replica_budget`` of the pool's capacity).
+- **eviction**: the pool-wide leaf-first rule (``keep_last_copy``): the last
+  copy of a segment whose children are cached somewhere is passed over; a
+  prefix is usable only from the root, so dropping it would strand them.
+- **dispatch**: per request, the replica and the mode of each cached segment
+  (``dispatch.plan``: balanced replica choice, then ship / pull / recompute).
+
+Horizons: for each member, how long ago its least recently used evictable
+segment was used (any clock; larger = less pressure); ``inf`` while it has free
+room. The simulator measures them on its logical clock, live members announce
+theirs with heartbeats.
+
+Plain Python: no torch, sglang or zmq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from sglang_tokenlake.dispatch import Assignment, Costs, ModelShape, plan
+from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
+from sglang_tokenlake.placement import Placement
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Parameters of the pool's policy, the same record for the simulator and live workers."""
+
+    replica_budget: float = 0.05
+    """Share of the pool's KV capacity that extra replicas of hot segments may occupy
+    (0 turns replication off)."""
+    hot_window: int = 16384
+    """Segment accesses the heavy-hitter estimate covers (a sliding window)."""
+    hot_k: int = 256
+    """Counters of the heavy-hitter estimate; shares below 1/k cannot be told apart."""
+    replan_every: int = 64
+    """Requests (pool-wide) between replica plans."""
+    placement_choices: int = 2
+    """A new segment goes to whichever of its best ``placement_choices`` rendezvous
+    homes has the largest eviction horizon (1: always the first home)."""
+    pool_leaf_first: bool = True
+    """Keep the last copy of a segment whose children are cached somewhere."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.replica_budget <= 1.0:
+            raise ValueError(f"replica_budget must be in [0, 1], got {self.replica_budget}")
+        if self.hot_window < 16 or self.hot_k < 2:
+            raise ValueError("hot_window must be >= 16 and hot_k >= 2")
+        if self.replan_every < 1 or self.placement_choices < 1:
+            raise ValueError("replan_every and placement_choices must be >= 1")
+
+    def heavy_hitters(self) -> HeavyHitters:
+        """A fresh heavy-hitter estimate with these parameters."""
+        return HeavyHitters(self.hot_window, self.hot_k)
+
+
+class PoolPolicy:
+    """Placement, replicas, eviction and dispatch rules of one pool.
+
+    Args:
+        cfg: the policy's parameters.
+        segment_size: tokens per segment.
+        members: live member id -> capacity in tokens (> 0).
+        shape: attention shape of the served model (dispatch's byte counts).
+        costs: what moving and computing cost (dispatch's time model).
+    """
+
+    def __init__(self, cfg: PolicyConfig, segment_size: int, members: Mapping[str, float],
+                 shape: ModelShape | None = None, costs: Costs | None = None) -> None:
+        if segment_size <= 0:
+            raise ValueError(f"segment_size must be positive, got {segment_size}")
+        self.cfg = cfg
+        self.segment_size = segment_size
+        self.shape = shape or ModelShape()
+        self.costs = costs or Costs()
+        self.copies: dict[int, int] = {}  # key -> copies wanted (hot segments only)
+        self.planner = ReplicaPlanner(0, segment_size)
+        self.placement = Placement(members)
+
+    # -- members ---------------------------------------------------------------------
+
+    @property
+    def members(self) -> dict[str, float]:
+        return self.placement.members
+
+    def set_members(self, members: Mapping[str, float]) -> None:
+        """The live member set changed (join, leave, capacity)."""
+        if dict(members) != self.placement.members:
+            self.placement = Placement(members)
+
+    # -- placement -------------------------------------------------------------------
+
+    def candidates(self, key: int) -> list[str]:
+        """The members that may hold ``key`` as one of its homes (best first)."""
+        c = self.copies.get(key, 1)
+        return self.placement.homes(key, max(c, self.cfg.placement_choices))
+
+    def is_home(self, key: int, member: str) -> bool:
+        """May ``member`` keep ``key`` as a designated (announced, non-transient) copy?"""
+        if len(self.placement) == 1:
+            return True
+        return member in self.candidates(key)
+
+    def place(self, key: int, horizons: Mapping[str, float]) -> list[str]:
+        """Where a new copy of ``key`` is kept: its homes if hot, else the candidate with
+        the largest eviction horizon (missing horizons count as 0; ties: rendezvous order)."""
+        c = self.copies.get(key, 1)
+        if c > 1:
+            return self.placement.homes(key, c)
+        if self.cfg.placement_choices <= 1:
+            return [self.placement.home(key)]
+        cands = self.placement.homes(key, self.cfg.placement_choices)
+        best = cands[0]
+        best_h = horizons.get(best, 0.0)
+        for m in cands[1:]:
+            h = horizons.get(m, 0.0)
+            if h > best_h:
+                best, best_h = m, h
+        return [best]
+
+    # -- replicas --------------------------------------------------------------------
+
+    def plan_replicas(self, shares: Mapping[int, float]) -> set[int]:
+        """New replica counts from the pool-wide shares (``HeavyHitters.hot`` or
+        ``hotness.merge_shares``); returns the keys whose count changed."""
+        members = self.placement.members
+        if self.cfg.replica_budget <= 0 or len(members) <= 1:
+            new: dict[int, int] = {}
+        else:
+            self.planner.budget_tokens = int(self.cfg.replica_budget * sum(members.values()))
+            new = self.planner.plan(shares, len(members))
+        old = self.copies
+        changed = {k for k in set(new) | set(old) if new.get(k, 1) != old.get(k, 1)}
+        self.copies = new
+        return changed
+
+    # -- eviction --------------------------------------------------------------------
+
+    def keep_last_copy(self, has_cached_children: bool, other_holders: int) -> bool:
+        """Pool-wide leaf-first: pass over this copy (evict another) when it is the
+        segment's last copy and some child segment is cached somewhere."""
+        return self.cfg.pool_leaf_first and has_cached_children and other_holders == 0
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def dispatch(self, keys: Sequence[int], locations: Mapping[int, Collection[str]],
+                 loads: Mapping[str, float], *, executor: str, new_tokens: int,
+                 expected_output_tokens: int, costs: Costs | None = None,
+                 shape: ModelShape | None = None) -> list[Assignment]:
+        """Replica and mode for each of a request's cached segments (see ``dispatch.plan``)."""
+        return plan(keys, locations, loads, executor=executor, new_tokens=new_tokens,
+                    expected_output_tokens=expected_output_tokens,
+                    segment_size=self.segment_size, shape=shape or self.shape,
+                    costs=costs or self.costs)

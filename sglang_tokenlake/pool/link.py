@@ -1,0 +1,478 @@
+"""The pool link of one worker: its cache joined to the other workers' caches.
+
+Threads and what they may touch::
+
+    scheduler thread   tree, KV allocator, KV pool writes   (all state changes)
+    broker thread      reads: KV of local segments (under the slot mutex), membership
+    peer agent thread  sockets to peers, heartbeats, request futures
+
+Messages (see transport/frames.py for the wire format)::
+
+    hello     membership heartbeat; carries the sender's capacity, eviction horizon,
+              backlog and heavy hitters; the reply carries the same of the receiver
+    announce  "I hold these segments" (designated copies only), by key chain   (index.py)
+    evicted   "I no longer hold these segments"                                (index.py)
+    sync      "send me your whole index": the answer replaces what we knew of you
+    get       KV of segments by key  -> buffers (one per segment) or "missing" (transfers.py)
+    put       a segment computed elsewhere, sent to its home with its tokens and KV
+    lease     pin segments for a requester that will ship queries to them; unlease
+    attend    queries of one layer -> partial attention output + LSE       (remote.py)
+    status    one worker's view (CLI)
+
+Every decision of policy goes through ``PoolPolicy`` (policy.py), the same code
+the simulator runs: where a new segment is kept (two-choice homes by eviction
+horizon; replicas of hot segments from the pool-wide heavy hitters merged from
+every member's heartbeats), which copy may be evicted (pool-wide leaf-first),
+and which replica serves a request in which mode (dispatch). Copies a worker
+holds for segments homed elsewhere are *transient*: first to evict, never
+announced. Anything that fails (a dead owner, a timeout, a wrong buffer) makes
+the request recompute: a pull is all or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from bisect import bisect_left
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Optional
+
+from sglang_tokenlake.config import TokenLakeConfig
+from sglang_tokenlake.dispatch import Costs
+from sglang_tokenlake.hotness import HotView, merge_shares, top_view
+from sglang_tokenlake.membership import Membership, MembershipEvents
+from sglang_tokenlake.policy import PoolPolicy
+from sglang_tokenlake.pool.index import MAX_CHAIN, IndexSync, int_list
+from sglang_tokenlake.pool.remote import RemoteAttention
+from sglang_tokenlake.pool.surfaces import CacheHost
+from sglang_tokenlake.pool.transfers import Transfers
+from sglang_tokenlake.transport.auth import CurveKeys
+from sglang_tokenlake.transport.broker import Request
+from sglang_tokenlake.transport.peers import PeerAgent
+from sglang_tokenlake.tree import InsertOutcome, SegmentNode
+
+logger = logging.getLogger(__name__)
+
+
+class PoolLink:
+    """Membership, policy and the broker handlers of one worker's pool.
+
+    Args:
+        host: the worker's cache (see ``surfaces.CacheHost``).
+        config: the worker's TokenLake settings.
+        self_id: this worker's member id (its broker address ``host:port``).
+        curve: CURVE keys for connections to peers, when the pool is authenticated.
+        agent: the peer agent (tests pass a fake; by default a ``PeerAgent``).
+    """
+
+    def __init__(self, host: CacheHost, config: TokenLakeConfig, self_id: str, *,
+                 curve: Optional[CurveKeys] = None, agent: Optional[PeerAgent] = None) -> None:
+        self.host = host
+        self.tree = host.tree
+        self.config = config
+        self.S = host.segment_size
+        self.self_id = self_id
+        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.boot = uuid.uuid4().hex[:12]
+        self.costs = Costs()
+        self.policy = PoolPolicy(config.policy(), self.S, {self_id: float(host.capacity_tokens())},
+                                 costs=self.costs)
+        self.hot = config.policy().heavy_hitters()
+        self.agent = agent if agent is not None else PeerAgent(
+            curve=curve, heartbeat_interval=config.heartbeat_interval, on_tick=self._tick,
+            max_inflight=config.max_inflight, name=f"tokenlake-peers-{self_id}")
+        self.index = IndexSync(host, self.agent, self_id, self.alive, self.known_sender,
+                               self.counters, config.peer_timeout)
+        self.transfers = Transfers(host, self, self.policy, self.index, self.agent, config,
+                                   self.counters, self.known_sender)
+        self.layout = self.transfers.layout
+        self.remote = RemoteAttention(host, self, self.agent, config.query_timeout, self.counters)
+        self.transfers.remote = self.remote
+        self.membership = Membership(self_id, host.capacity_tokens(), self.boot,
+                                     self.layout.fingerprint, peer_timeout=config.peer_timeout)
+        self._membership_version = -1
+        self._alive: dict[str, int] = {}
+        self._suspects: dict[str, float] = {}  # owner -> until when we avoid it
+        # What heartbeats carry, refreshed on the scheduler thread (read by the agent thread).
+        self._beacon: dict[str, Any] = {"horizon": math.inf, "load": 0.0, "hot": [[], []],
+                                        "observed": 0, "requests": 0}
+        self._peer_state: dict[str, dict[str, Any]] = {}  # peer -> its last beacon
+        self._requests = 0  # requests observed here
+        self._planned_at = 0  # pool-wide requests at the last replica plan
+        self._next_beacon = 0.0
+        self._clock_marks: deque[tuple[int, float]] = deque(maxlen=4096)  # (tree clock, time)
+        for peer in config.peer_list():
+            if peer != self_id:
+                self.membership.add_seed(peer)
+                self.agent.connect(peer, peer)
+        if agent is None:
+            self.agent.start()
+
+    # -- members -------------------------------------------------------------------
+
+    def alive(self) -> dict[str, int]:
+        v = self.membership.version
+        if v != self._membership_version:
+            self._alive = self.membership.alive()
+            self._membership_version = v
+            self.policy.set_members({m: float(max(c, 1)) for m, c in self._alive.items()})
+        return self._alive
+
+    def suspect(self, owner: str) -> None:
+        """Avoid ``owner`` for a while: it failed a request (any thread)."""
+        self._suspects[owner] = time.monotonic() + 2 * self.config.peer_timeout
+
+    def usable(self, owner: str) -> bool:
+        until = self._suspects.get(owner)
+        if until is not None and time.monotonic() < until:
+            return False
+        return self.membership.is_alive(owner)
+
+    @property
+    def ship_ok(self) -> bool:
+        return self.transfers.ship_ok
+
+    @ship_ok.setter
+    def ship_ok(self, ok: bool) -> None:
+        self.transfers.ship_ok = ok
+
+    # -- policy inputs -----------------------------------------------------------------
+
+    def horizon(self) -> float:
+        """Seconds since this worker's least recently used evictable segment was used;
+        ``inf`` while a new segment fits without evicting (scheduler thread)."""
+        if self.host.free_tokens() >= self.S:
+            return math.inf
+        oldest = self.tree.oldest_access()
+        if oldest is None:
+            return 0.0
+        now = time.monotonic()
+        marks = self._clock_marks  # (tree clock, time) readings, ascending
+        if not marks:
+            return 0.0
+        # The first reading at or after that access bounds its time from above.
+        i = bisect_left(marks, (oldest, -math.inf))
+        return now - marks[min(i, len(marks) - 1)][1] if i < len(marks) else 0.0
+
+    def horizons(self) -> dict[str, float]:
+        out = {p: float(st.get("horizon", 0.0)) for p, st in self._peer_state.items()}
+        out[self.self_id] = self._beacon["horizon"]
+        return out
+
+    def loads(self) -> dict[str, float]:
+        out = {p: float(st.get("load", 0.0)) for p, st in self._peer_state.items()}
+        out[self.self_id] = self._beacon["load"]
+        return out
+
+    def designated(self, node: SegmentNode, *, new_copy: bool = False) -> bool:
+        """Should this worker's copy of ``node`` be one of the segment's designated copies?
+
+        Its homes are the policy's candidates (the first ``placement_choices``
+        rendezvous homes, or a hot segment's ``copies``); the segment needs
+        ``copies`` of them to hold it. Among the candidates that hold it (usable
+        owners, and this worker) the first ``copies`` in rendezvous order keep
+        theirs, so two candidates that both hold one agree on which stays. A
+        ``new_copy`` (pulled here) is designated only while fewer than ``copies``
+        candidates hold it: a pull never duplicates a home's copy.
+        """
+        if len(self.alive()) == 1:
+            return True
+        cands = self.policy.candidates(node.key)
+        if self.self_id not in cands:
+            return False
+        if new_copy:
+            return not self.homes_hold(node)
+        others = self._home_owners(node, cands)
+        holders = [m for m in cands if m == self.self_id or m in others]
+        return self.self_id in holders[: self.policy.copies.get(node.key, 1)]
+
+    def homes_hold(self, node: SegmentNode) -> bool:
+        """Do enough of the segment's homes (other than this worker) hold it already?"""
+        cands = self.policy.candidates(node.key)
+        return len(self._home_owners(node, cands)) >= self.policy.copies.get(node.key, 1)
+
+    def _home_owners(self, node: SegmentNode, cands: list[str]) -> list[str]:
+        return [m for m in cands if m != self.self_id and m in node.owners and self.usable(m)]
+
+    def target_of(self, key: int) -> str:
+        """The member a new copy of ``key`` made here should be kept by."""
+        self.alive()
+        targets = self.policy.place(key, self.horizons())
+        return self.self_id if self.self_id in targets else targets[0]
+
+    def keep_copy(self, node: SegmentNode) -> bool:
+        """The pool-wide leaf-first rule for a local leaf about to be evicted."""
+        cached_children = any(c.owners for c in node.children.values())
+        others = sum(1 for o in node.owners if self.usable(o))
+        return self.policy.keep_last_copy(cached_children, others)
+
+    def observe(self, keys: list[int]) -> None:
+        """One request uses these segments (scheduler thread)."""
+        self._requests += 1
+        for k in keys:
+            self.hot.observe(k)
+
+    def replan(self) -> None:
+        """Replica counts from the pool-wide hot view; re-designate local copies."""
+        self.alive()
+        views: list[HotView] = [top_view(self.hot, self.hot.k)]
+        for st in self._peer_state.values():
+            views.append(st["hot_view"])
+        shares = merge_shares(views, self.hot.min_share)
+        for k in self.policy.plan_replicas(shares):
+            node = self.tree.nodes.get(k)
+            if node is not None and node.value is not None:
+                self._redesignate(node)
+
+    def pool_requests(self) -> int:
+        return self._requests + sum(int(st.get("requests", 0)) for st in self._peer_state.values())
+
+    def _redesignate(self, node: SegmentNode) -> None:
+        d = self.designated(node)
+        if d == node.designated:
+            return
+        if not d and self.transfers.migrate(node):
+            return  # the pool's only copy: designated here until its new home holds it
+        node.designated = d
+        if d:
+            self.index.announce_node(node)
+        else:  # no longer one of its homes: first to evict, no longer announced
+            self.index.retract([node.key])
+            if not self.config.transient_copies:
+                self.transfers.drop.add(node)
+
+    # -- scheduler thread: events from the cache --------------------------------------
+
+    def on_inserted(self, keys: list[int], out: InsertOutcome) -> None:
+        """After the cache inserted a chain: designate, announce, put copies to their homes."""
+        held: list[int] = []
+        puts: dict[str, list[int]] = defaultdict(list)
+        alone = len(self.alive()) == 1
+        for i, (node, adopted) in enumerate(zip(out.path, out.adopted)):
+            if not adopted:
+                continue
+            if alone:
+                node.designated = True
+                held.append(i)
+                continue
+            if self.homes_hold(node):
+                node.designated = False  # its homes hold it already: a transient copy
+                if not self.config.transient_copies:
+                    self.transfers.drop.add(node)
+                continue
+            target = self.target_of(node.key)
+            if target == self.self_id:
+                node.designated = True
+                held.append(i)
+            else:
+                node.designated = False
+                puts[target].append(i)
+        if held:
+            self.index.announce(list(keys[: held[-1] + 1]), held)
+        for home, idxs in puts.items():
+            self.transfers._put(home, keys, out.path, idxs)
+
+    def on_evicted(self, nodes: list[SegmentNode]) -> None:
+        self.index.retract([n.key for n in nodes if n.designated])
+
+    def forget(self, req: Any) -> None:
+        """A request left the scheduler: drop its dispatch decisions and shipping state."""
+        self.transfers.forget(req)
+        self.remote.detach(req)
+
+    # -- scheduler thread: periodic work ----------------------------------------------
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        tick = self.tree.clock
+        if not self._clock_marks or (tick != self._clock_marks[-1][0]
+                                     and now - self._clock_marks[-1][1] >= 0.05):
+            self._clock_marks.append((tick, now))
+        if now >= self._next_beacon:
+            self._next_beacon = now + min(self.config.heartbeat_interval, 0.5)
+            self._refresh_beacon()
+        if self.pool_requests() - self._planned_at >= self.config.replan_every:
+            self._planned_at = self.pool_requests()
+            self.replan()
+        self.index.flush()
+        if self.transfers.drop:
+            self.transfers.sweep_transient()
+        self.transfers.expire_pulls(now)
+
+    def _refresh_beacon(self) -> None:
+        keys, counts = [], []
+        view, observed = top_view(self.hot, self.hot.k)
+        for k, c in view.items():
+            keys.append(k)
+            counts.append(c)
+        load = self.host.queued_tokens() * self.costs.recompute_s_per_token
+        self._beacon = {"horizon": self.horizon(), "load": load, "hot": [keys, counts],
+                        "observed": observed, "requests": self._requests}
+
+    def on_membership(self, ev: MembershipEvents) -> None:
+        for peer in ev.left + ev.restarted:
+            self.remote.drop_peer_leases(peer)
+            self._peer_state.pop(peer, None)
+            n = self.tree.drop_owner(peer)
+            logger.info("TokenLake: %s left the pool (%d segments forgotten)", peer, n)
+        # Homes moved: re-designate local copies; announce what became ours.
+        self.alive()
+        for node in list(self.tree.nodes.values()):
+            if node.value is not None:
+                self._redesignate(node)
+        for peer in ev.joined + ev.restarted:
+            logger.info("TokenLake: %s joined the pool", peer)
+            self.index.forget_peer(peer)
+            self.index.request_sync(peer)
+
+    # -- agent thread: heartbeats -----------------------------------------------------
+
+    def hello_header(self) -> dict[str, Any]:
+        return {"from": self.self_id, "capacity": int(self.host.capacity_tokens()),
+                "boot": self.boot, "layout": self.layout.fingerprint, "seq": self.index.seq,
+                "members": list(self.membership.alive()), **self._beacon}
+
+    def _tick(self) -> None:
+        header = self.hello_header()
+        for peer in self.membership.known():
+            fut = self.agent.request(peer, "hello", header, timeout=self.config.peer_timeout)
+            fut.add_done_callback(self._hello_reply)
+        ev = self.membership.expire()
+        if ev:
+            self.host.submit(lambda: self.on_membership(ev))
+
+    def _hello_reply(self, fut: Future) -> None:
+        if fut.exception() is not None:
+            return
+        self._seen(fut.result().header)
+
+    def _seen(self, h: dict[str, Any]) -> None:
+        peer = h.get("from")
+        if not isinstance(peer, str):
+            return
+        try:
+            ev = self.membership.seen(peer, int(h.get("capacity", 0)), str(h.get("boot", "")),
+                                      h.get("layout"))
+        except (TypeError, ValueError) as e:
+            logger.error("TokenLake: refusing %s", e)
+            return
+        state = _beacon_of(h, self.hot.k)
+        if state is not None:
+            self._peer_state[peer] = state
+        for m in h.get("members", []) or []:
+            if isinstance(m, str) and m != self.self_id and m not in self.membership.known():
+                self.membership.add_seed(m)
+                self.agent.connect(m, m)
+        if ev:
+            self.host.submit(lambda: self.on_membership(ev))
+
+    # -- broker thread: handlers --------------------------------------------------------
+
+    def handlers(self) -> dict[str, Callable[[Request], None]]:
+        return {"hello": self._on_hello, "lease": self._on_lease, "unlease": self._on_unlease,
+                "attend": self._on_attend, "get": self.transfers.on_get,
+                "put": self.transfers.on_put, **self.index.handlers()}
+
+    def _on_lease(self, req: Request) -> None:
+        peer = self.known_sender(req)
+        if peer is None:
+            return
+        lease, keys = req.msg.header.get("lease"), req.msg.header.get("keys")
+        if not isinstance(lease, str) or not int_list(keys) or len(keys) > MAX_CHAIN:
+            self.counters["malformed"] += 1
+            req.error("lease: needs a lease id and a list of keys")
+            return
+
+        def job() -> None:
+            ok = self.remote.grant_lease(peer, lease, keys)
+            self.counters["leases_granted" if ok else "leases_refused"] += 1
+            req.reply("lease", {"ok": ok})
+
+        self.host.submit(job)
+
+    def _on_unlease(self, req: Request) -> None:
+        lease = req.msg.header.get("lease")
+        if not isinstance(lease, str):
+            self.counters["malformed"] += 1
+            req.error("unlease: needs a lease id")
+            return
+        self.host.submit(lambda: self.remote.drop_lease(lease))
+        req.reply("ok")
+
+    def _on_attend(self, req: Request) -> None:
+        if self.known_sender(req) is None:
+            return
+        with self.host.slot_mutex:
+            self.remote.serve_attend(req)
+
+    def known_sender(self, req: Request) -> Optional[str]:
+        peer = req.msg.header.get("from")
+        if not isinstance(peer, str) or not self.membership.is_alive(peer):
+            self.counters["refused_unknown_peer"] += 1
+            req.error(f"unknown peer {peer!r}: send hello first")
+            return None
+        return peer
+
+    def _on_hello(self, req: Request) -> None:
+        h = req.msg.header
+        self._seen(h)
+        peer, seq = h.get("from"), h.get("seq")
+        if isinstance(peer, str) and self.membership.is_alive(peer):
+            # Queued after the events this peer sent before the heartbeat, so a
+            # gap here is real: some event was refused or lost.
+            self.host.submit(lambda: self.index.check_seq(peer, seq))
+        req.reply("hello", self.hello_header())
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        designated = sum(1 for n in self.tree.nodes.values() if n.value is not None and n.designated)
+        by_owner: dict[str, int] = defaultdict(int)
+        for n in self.tree.nodes.values():
+            for o in n.owners:
+                by_owner[o] += 1
+        return {
+            "self": self.self_id,
+            "members": self.membership.snapshot(),
+            "hot_segments": len(self.policy.copies),
+            "replicas_planned": sum(c - 1 for c in self.policy.copies.values()),
+            "pool_requests": self.pool_requests(),
+            "horizons": {m: (h if math.isfinite(h) else None) for m, h in self.horizons().items()},
+            "loads": self.loads(),
+            "designated_segments": designated,
+            "transient_segments": self.tree.local_nodes - designated,
+            "remote_segments_by_owner": dict(by_owner),
+            "counters": {**self.counters, **{f"agent_{k}": v for k, v in self.agent.counters.items()}},
+            "pid": os.getpid(),
+        }
+
+    def designated_keys(self) -> list[str]:
+        return sorted(f"{n.key:016x}" for n in self.tree.nodes.values()
+                      if n.value is not None and n.designated)
+
+    def transient_keys(self) -> list[str]:
+        return sorted(f"{n.key:016x}" for n in self.tree.nodes.values()
+                      if n.value is not None and not n.designated)
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+def _beacon_of(h: dict[str, Any], max_keys: int) -> Optional[dict[str, Any]]:
+    """A peer's heartbeat fields, validated (None when absent or malformed)."""
+    hot, observed, requests = h.get("hot"), h.get("observed"), h.get("requests")
+    horizon, load = h.get("horizon"), h.get("load")
+    if not (isinstance(hot, list) and len(hot) == 2 and int_list(hot[0]) and int_list(hot[1])
+            and len(hot[0]) == len(hot[1]) <= max_keys):
+        return None
+    if not (isinstance(observed, int) and isinstance(requests, int) and observed >= 0
+            and requests >= 0 and isinstance(horizon, (int, float)) and isinstance(load, (int, float))):
+        return None
+    view: HotView = (dict(zip(hot[0], hot[1])), observed)
+    return {"horizon": float(horizon), "load": max(0.0, float(load)), "requests": requests,
+            "hot_view": view}

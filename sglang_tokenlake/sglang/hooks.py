@@ -1,0 +1,76 @@
+"""Hooks of query-centric attention inside SGLang's scheduler and attention backends.
+
+* ``Scheduler.run_batch`` (around): tells the pool's ``RemoteAttention`` which
+  requests of the batch have a remote plan, for the duration of the pass.
+* the attention backends' ``forward_extend`` / ``forward_decode`` (after):
+  replace those requests' attention outputs by the merge of their local
+  partial and the owners' partials (pool/remote.py).
+* ``Scheduler.process_batch_result`` (around): a request whose owner failed
+  during the pass commits nothing and is retracted.
+
+The engine is found through the objects SGLang hands the hooks: the scheduler's
+cache (``tree_cache.pool.remote``) and the attention backend's KV pool, which the
+pool service binds the engine to (``ENGINE_ATTR``): no process-wide global.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.pool.remote import RemoteAttention
+
+ENGINE_ATTR = "tokenlake_remote"  # attribute of the KV pool: its RemoteAttention
+
+
+def _engine(scheduler: Any) -> Optional[RemoteAttention]:
+    """The query-shipping engine of this scheduler's TokenLake pool, if any."""
+    pool = getattr(getattr(scheduler, "tree_cache", None), "pool", None)
+    return pool.remote if pool is not None else None
+
+
+def around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    eng = _engine(scheduler)
+    if eng is None or not eng.plans:
+        return original(scheduler, batch, *args, **kwargs)
+    eng.begin_forward(batch)
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    finally:
+        eng.end_forward(batch)
+
+
+def around_process_batch_result(original: Any, scheduler: Any, batch: Any, *args: Any,
+                                 **kwargs: Any) -> Any:
+    eng = _engine(scheduler)
+    if eng is None or not any(b is batch for b, _ in eng.pending_retract):
+        return original(scheduler, batch, *args, **kwargs)
+    # A request of this batch lost an owner mid-pass: its token must not be
+    # committed. The prefill result loop skips retracted requests; the decode
+    # loop does so only when overlap scheduling is on, so this one call gets a
+    # (frozen, stateless) result processor that says so.
+    import dataclasses
+
+    proc = getattr(scheduler, "batch_result_processor", None)
+    forced = proc is not None and not proc.enable_overlap
+    if forced:
+        scheduler.batch_result_processor = dataclasses.replace(proc, enable_overlap=True)
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    finally:
+        if forced:
+            scheduler.batch_result_processor = proc
+        eng.retract_failed(scheduler, batch)
+
+
+def attention_hook(decode: bool, apply_cap: bool) -> Any:
+    def hook(original: Any, backend: Any, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any,
+             *args: Any, **kwargs: Any) -> Any:
+        o = original(backend, q, k, v, layer, forward_batch, *args, **kwargs)
+        # The engine is bound to the KV pool it serves (service.py), not to the process.
+        eng = getattr(getattr(backend, "token_to_kv_pool", None), ENGINE_ATTR, None)
+        if eng is not None and eng.active and not getattr(layer, "is_cross_attention", False):
+            eng.replace_outputs(q, o, layer, forward_batch, decode, apply_cap)
+        return o
+
+    return hook

@@ -1,0 +1,164 @@
+"""Live against simulated: replay a harness run's exact workload in the simulator.
+
+``python -m sglang_tokenlake.sim.live results/bench`` reads the harness's
+``bench.json`` (workers, ``--max-total-tokens``, segment size, each workload's
+generator parameters and seed, the rates) and ``requests.jsonl`` (the outputs of
+multi-turn sessions, which later prompts contain), rebuilds the very requests
+the harness sent (same token ids, same arrival times), and runs the simulator's
+policy for each measured configuration on them:
+
+    stock-rr                 -> stock        (per-worker LRU, round robin)
+    stock-cache-aware        -> cache_aware  (sglang-router 0.3.2's rule)
+    tokenlake-rr             -> tokenlake    (PoolPolicy; executor round robin)
+    tokenlake-least-load     -> tokenlake    (PoolPolicy; executor least queued work)
+
+with each worker's cache holding ``max_total_tokens`` (shrunk by its running
+requests' KV) and compute times calibrated from the harness's own lone-request
+measurements (TTFT per prompt token, decode seconds per step). It prints the
+simulated against the measured hit rate and load CV (requests per worker) per
+configuration, and writes ``sim_vs_live.json`` beside the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import xxhash
+
+from sglang_tokenlake.segments import request_namespace, segment_keys
+from sglang_tokenlake.sim.compute import ComputeModel
+from sglang_tokenlake.sim.engine import simulate
+from sglang_tokenlake.sim.model import SimConfig
+from sglang_tokenlake.sim.workloads import Request, Workload
+
+POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
+             "tokenlake-rr": "tokenlake", "tokenlake-least-load": "tokenlake"}
+EXECUTOR_OF = {"tokenlake-rr": "round_robin"}  # else the simulator's least-loaded choice
+_SEED = request_namespace("tokenlake-live-replay")
+
+
+def _cv(xs: list[float]) -> float:
+    m = sum(xs) / len(xs) if xs else 0.0
+    if m <= 0:
+        return 0.0
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) / m
+
+
+def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
+                    segment_size: int) -> tuple[Workload, float]:
+    """The harness's requests of one workload as simulator requests, and the mean
+    characters per token of their text as the router sees it (ids joined by spaces)."""
+    from sglang_tokenlake.bench.workloads import GENERATORS, build, full_prompt
+
+    params = dict(meta_wl["params"])
+    seed, rate = int(params.pop("seed", 0)), float(params.pop("rate"))
+    gen = GENERATORS.get(meta_wl["name"].split("-")[0])
+    if gen is not None:  # the summary also records derived figures: keep the arguments
+        accepted = inspect.signature(gen).parameters
+        params = {k: v for k, v in params.items() if k in accepted}
+    wl = build(meta_wl["name"], params, seed=seed).at_rate(rate)
+    done: dict[str, tuple[list[int], list[int]]] = {}
+    out: list[Request] = []
+    chars = tokens = 0
+    for r in wl.requests:
+        prompt = full_prompt(r, done)
+        rec = records.get(r.rid)
+        if rec is not None:
+            done[r.rid] = (prompt, list(rec.get("output_ids") or []))
+        keys = segment_keys(prompt, segment_size, _SEED)
+        if len(prompt) % segment_size:  # the tail block: never shared
+            keys.append(xxhash.xxh3_64_intdigest(repr(prompt).encode()))
+        out.append(Request(r.arrival_s, len(prompt), r.max_new_tokens, tuple(keys)))
+        chars += sum(len(str(t)) + 1 for t in prompt)
+        tokens += len(prompt)
+    return Workload(meta_wl["name"], segment_size, out), chars / max(tokens, 1)
+
+
+def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeModel:
+    """Compute constants from the harness's lone-request samples (cache misses)."""
+    per_token, per_step = [], []
+    for c in calibration:
+        for s in c.get("samples", []):
+            if s.get("prompt_tokens") and s.get("ttft_miss_s"):
+                per_token.append(s["ttft_miss_s"] / s["prompt_tokens"])
+            if s.get("output_tokens", 0) > 1 and s.get("e2e_miss_s"):
+                per_step.append((s["e2e_miss_s"] - s["ttft_miss_s"]) / (s["output_tokens"] - 1))
+    if not per_token or not per_step:
+        raise ValueError("bench.json has no calibration samples: rerun the harness with "
+                         "--calibration-requests > 0")
+    return ComputeModel(prefill_s_per_token=statistics.median(per_token), attn_s_per_token_pair=0.0,
+                        decode_step_s=statistics.median(per_step), decode_s_per_ctx_token=0.0,
+                        kv_capacity_tokens=kv_tokens)
+
+
+def compare(run_dir: Path) -> list[dict[str, Any]]:
+    bench = json.loads((run_dir / "bench.json").read_text())
+    settings = bench["meta"]["settings"]
+    S, workers = int(settings["segment_size"]), int(settings["workers"])
+    kv = int(settings["max_total_tokens"])
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    req_file = run_dir / "requests.jsonl"
+    if req_file.exists():
+        for line in req_file.read_text().splitlines():
+            r = json.loads(line)
+            records[(r["workload"], r["rid"])] = r
+    compute = calibrated(bench.get("calibration", []), kv)
+    rows = []
+    for meta_wl in bench["meta"]["workloads"]:
+        name = meta_wl["name"]
+        recs = {rid: r for (w, rid), r in records.items() if w == name}
+        workload, cpt = replay_requests(meta_wl, recs, S)
+        cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt)
+        sims: dict[str, Any] = {}
+        for s in bench["summaries"]:
+            if s["workload"] != name or s["config"] not in POLICY_OF:
+                continue
+            pol = POLICY_OF[s["config"]]
+            ex = EXECUTOR_OF.get(s["config"], "least_loaded")
+            if (pol, ex) not in sims:
+                sims[(pol, ex)] = simulate(workload, pol, replace(cfg, tokenlake_executor=ex))
+            res = sims[(pol, ex)]
+            sim_hit = res.hit_rate
+            rows.append({
+                "workload": name, "rate": s["rate"], "config": s["config"], "policy": pol,
+                "measured_hit_rate": round(s["hit_rate"], 4), "simulated_hit_rate": round(sim_hit, 4),
+                "hit_rate_diff": round(sim_hit - s["hit_rate"], 4),
+                "measured_load_cv": round(s["load_cv_requests"], 4),
+                "simulated_load_cv": round(_cv([float(x) for x in res.served]), 4),
+            })
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sglang_tokenlake.sim.live", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a harness output folder (bench.json, requests.jsonl)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write the JSON (default: RUN/sim_vs_live.json)")
+    args = ap.parse_args(argv)
+    if not (args.run / "bench.json").exists():
+        print(f"error: {args.run / 'bench.json'} not found: give a harness output folder",
+              file=sys.stderr)
+        return 2
+    rows = compare(args.run)
+    print("| workload | rate | config | hit rate live | sim | diff | load CV live | sim |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['workload']} | {r['rate']:g} | {r['config']} | {r['measured_hit_rate']:.3f} "
+              f"| {r['simulated_hit_rate']:.3f} | {r['hit_rate_diff']:+.3f} "
+              f"| {r['measured_load_cv']:.3f} | {r['simulated_load_cv']:.3f} |")
+    out = args.out or args.run / "sim_vs_live.json"
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

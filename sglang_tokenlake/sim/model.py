@@ -1,0 +1,73 @@
+"""What the simulator's parts exchange: the cluster's configuration and a policy's decision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sglang_tokenlake.dispatch import Costs, ModelShape
+from sglang_tokenlake.policy import PolicyConfig
+from sglang_tokenlake.sim.compute import ComputeModel
+from sglang_tokenlake.sim.routing import CacheAwareConfig
+
+
+class Outcome(NamedTuple):
+    """What a policy decided for one request."""
+
+    worker: int
+    """Index of the executing instance."""
+    hit_tokens: int
+    """Prompt tokens served from cache (any mode but recompute)."""
+    shipped: dict[int, int]
+    """Owner index -> cached tokens whose attention that owner computes (SHIP_QUERY)."""
+    bytes: dict[str, int]
+    """Bytes moved for this request, by kind (``pull_kv``, ``ship_query``, ``put``...)."""
+    transfer_s: float
+    """Seconds until pulled KV has arrived at the executor."""
+    held_tokens: int = 0
+    """Prompt KV tokens the executor holds outside its cache while the request runs
+    (pulled or computed KV no cache of it keeps, the partial last block); the part of
+    the prompt its cache holds is shared with the cache, as SGLang's locked prefix."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated cluster."""
+
+    instances: int
+    capacity_blocks: int
+    """KV memory of each instance for the cache, in segments (running requests' KV
+    comes out of it with ``memory_pressure``)."""
+    segment_size: int
+    """Tokens per segment (block) of the workload."""
+    time_stretch: float = 1.0
+    """Arrival times are multiplied by this (``1 / rate_scale``)."""
+    compute: ComputeModel = ComputeModel()
+    shape: ModelShape = ModelShape()
+    bandwidth_Bps: float = 25e9
+    router: CacheAwareConfig = CacheAwareConfig()
+    """The ``cache_aware`` policy's router settings (``cache_aware_v019`` uses
+    ``CacheAwareConfig.v019()``)."""
+    chars_per_token: float = 4.0
+    """Router tree sizes are characters; a token counts this many."""
+    policy: PolicyConfig = PolicyConfig()
+    """TokenLake: placement, replicas, leaf-first eviction (the live pool's record)."""
+    memory_pressure: bool = True
+    """Running requests' KV (prompt + output tokens) occupies their instance's KV memory
+    from start to last token, shrinking what its cache may hold (SGLang's cache and
+    running requests share one pool); the pooled caches of ``limit``/``mooncake`` lose
+    the sum over instances. False: caches always hold ``capacity_blocks``."""
+    tokenlake_executor: str = "least_loaded"
+    """TokenLake: how the front end picks a request's worker: ``least_loaded`` (least
+    queued work, ties to the one holding most of its prefix) or ``round_robin`` (the
+    harness's round-robin front end)."""
+    shared_prefix_kv: bool = False
+    """With ``memory_pressure``: count only the prompt KV a running request holds outside
+    its executor's cache (``Outcome.held_tokens``; SGLang's running requests share their
+    cached prefix with the tree) instead of the whole prompt. TokenLake then pays for
+    the pulled and recomputed segments its executors hold beside their homes' copies."""
+
+    @property
+    def costs(self) -> Costs:
+        c = self.compute
+        return Costs(self.bandwidth_Bps, c.prefill_s_per_token, c.attn_s_per_token_pair)

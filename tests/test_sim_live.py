@@ -1,0 +1,59 @@
+"""Live against simulated: the harness's exact requests replayed in the simulator."""
+
+from __future__ import annotations
+
+import json
+
+from sglang_tokenlake.bench.workloads import build
+from sglang_tokenlake.sim.live import compare, main, replay_requests
+
+PARAMS = {"requests": 30, "documents": 3, "doc_tokens": 256, "question_tokens": 16,
+          "output_tokens": 4, "seed": 3, "rate": 2.0, "unique_doc_tokens": 768}
+
+
+def _bench(tmp_path, configs):
+    meta = {"settings": {"workers": 2, "segment_size": 64, "max_total_tokens": 4096},
+            "workloads": [{"name": "docs", "params": PARAMS}]}
+    summaries = [{"workload": "docs", "rate": 2.0, "config": c, "hit_rate": 0.5,
+                  "load_cv_requests": 0.1} for c in configs]
+    calib = [{"samples": [{"prompt_tokens": 272, "output_tokens": 4, "ttft_miss_s": 0.1,
+                           "e2e_miss_s": 0.13}]}]
+    (tmp_path / "bench.json").write_text(json.dumps(
+        {"meta": meta, "summaries": summaries, "calibration": calib}))
+    return tmp_path
+
+
+def test_the_replayed_requests_are_the_harness_requests():
+    wl, cpt = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
+    want = build("docs", {k: v for k, v in PARAMS.items()
+                          if k not in ("seed", "rate", "unique_doc_tokens")}, seed=3).at_rate(2.0)
+    assert len(wl.requests) == len(want.requests) == 30
+    for r, w in zip(wl.requests, want.requests):
+        assert r.input_tokens == len(w.input_ids) and r.output_tokens == w.max_new_tokens
+        assert r.arrival_s == w.arrival_s
+        assert len(r.keys) == -(-len(w.input_ids) // 64)  # full segments + the tail
+    # requests on the same document share its segments' keys, others do not
+    by_doc: dict = {}
+    for r, w in zip(wl.requests, want.requests):
+        by_doc.setdefault(w.group, set()).add(r.keys[0])  # every document has >= 2 segments
+    assert all(len(v) == 1 for v in by_doc.values()) and len(by_doc) >= 2
+    assert len(set().union(*by_doc.values())) == len(by_doc)
+    assert 2.0 < cpt < 6.0
+
+
+def test_compare_simulates_each_measured_configuration(tmp_path):
+    run = _bench(tmp_path, ["stock-rr", "stock-cache-aware", "tokenlake-rr", "other"])
+    rows = compare(run)
+    assert [r["config"] for r in rows] == ["stock-rr", "stock-cache-aware", "tokenlake-rr"]
+    assert [r["policy"] for r in rows] == ["stock", "cache_aware", "tokenlake"]
+    hit = {r["config"]: r["simulated_hit_rate"] for r in rows}
+    # 3 documents over 2 workers: the pool holds each once; round robin splits them
+    assert hit["tokenlake-rr"] > hit["stock-rr"] > 0
+    assert rows[2]["simulated_load_cv"] == 0.0  # round robin, 30 requests on 2 workers
+    assert main([str(run)]) == 0
+    assert json.loads((run / "sim_vs_live.json").read_text()) == rows
+
+
+def test_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "bench.json" in capsys.readouterr().err
