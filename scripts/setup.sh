@@ -10,8 +10,16 @@ PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 \
+        || "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 echo "== installing sglang-tokenlake and its dependencies (first run: ~4 min, ~11 GB)"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,bench,dev]"
+# pip's and setuptools' notices go to a log that is shown only when the install fails.
+LOG="$VENV/setup-pip.log"
+if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,bench,dev]" \
+        >"$LOG" 2>&1; then
+    cat "$LOG" >&2
+    echo "== pip install failed (log: $LOG)" >&2
+    exit 1
+fi
 "$VENV/bin/tokenlake-install-patch"
