@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
-BROKER_PORT_OFFSET = 1000
-"""A worker's broker listens on its HTTP port + this (``--tokenlake-port`` unset)."""
+from sglang_tokenlake.config import BROKER_PORT_OFFSET
 
 T = TypeVar("T")
 

@@ -15,6 +15,8 @@ from typing import Any, Optional, get_type_hints
 from sglang_tokenlake.policy import PolicyConfig
 
 FLAG_PREFIX = "tokenlake"
+BROKER_PORT_OFFSET = 1000
+"""A worker's broker listens on its HTTP --port + this unless --tokenlake-port is set."""
 _POLICY = PolicyConfig()  # the policy's defaults are the flags' defaults
 
 

@@ -13,15 +13,15 @@ import logging
 import os
 from typing import Any, Optional
 
+from sglang_tokenlake.config import BROKER_PORT_OFFSET
 from sglang_tokenlake.transport.broker import Broker, Request
 
 logger = logging.getLogger(__name__)
 
-PORT_OFFSET = 1000
 
 
 def broker_port(config: Any, server_args: Any) -> int:
-    return config.port or int(server_args.port) + PORT_OFFSET
+    return config.port or int(server_args.port) + BROKER_PORT_OFFSET
 
 
 def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
