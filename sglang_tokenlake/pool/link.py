@@ -296,8 +296,9 @@ class PoolLink:
         if now >= self._next_beacon:
             self._next_beacon = now + min(self.config.heartbeat_interval, 0.5)
             self._refresh_beacon()
-        if self.pool_requests() - self._planned_at >= self.config.replan_every:
-            self._planned_at = self.pool_requests()
+        requests = self.pool_requests()
+        if requests - self._planned_at >= self.config.replan_every:
+            self._planned_at = requests
             self.replan()
         self.index.flush()
         if self.transfers.drop:

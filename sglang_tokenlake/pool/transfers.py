@@ -180,9 +180,7 @@ class Transfers:
                                     executor=self.self_id, new_tokens=new_tokens,
                                     expected_output_tokens=max_new_tokens, shape=shape)
         forced = {"ship": Mode.SHIP_QUERY, "pull": Mode.PULL_KV}.get(self.config.remote_mode)
-        if forced is Mode.SHIP_QUERY and not self.ship_ok:
-            forced = Mode.PULL_KV
-        if forced is None and not self.ship_ok:
+        if not self.ship_ok:  # queries cannot be shipped from here: pull whatever is remote
             forced = Mode.PULL_KV
         out = []
         for a, n in zip(plan, run):
