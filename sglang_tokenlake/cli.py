@@ -1,7 +1,8 @@
 """``tokenlake``: command-line tools of a TokenLake pool.
 
     tokenlake status --addr 127.0.0.1:31000 [--addr ...]   # workers' caches, members, counters
-    tokenlake keygen DIR                                   # CURVE keys for --tokenlake-curve-dir
+    tokenlake keygen DIR --name w0 --member HOST:PORT      # a worker's CURVE key pair
+    tokenlake keygen DIR --name ops                        # a key that may read status only
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ def _endpoint(addr: str) -> str:
     return addr if "://" in addr else f"tcp://{addr}"
 
 
-def client_for(addr: str, curve_dir: Optional[str] = None) -> Any:
+def client_for(addr: str, curve_dir: Optional[str] = None,
+               curve_key: Optional[str] = None) -> Any:
     from sglang_tokenlake.transport.auth import load_curve_keys
     from sglang_tokenlake.transport.client import Client
 
-    return Client(_endpoint(addr), curve=load_curve_keys(curve_dir))
+    return Client(_endpoint(addr), curve=load_curve_keys(curve_dir, curve_key))
 
 
 def fetch_status(addr: str, timeout: float = 5.0, curve_dir: Optional[str] = None,
-                 keys: bool = False) -> dict[str, Any]:
-    with client_for(addr, curve_dir) as c:
+                 keys: bool = False, curve_key: Optional[str] = None) -> dict[str, Any]:
+    with client_for(addr, curve_dir, curve_key) as c:
         return c.request("status", {"keys": keys}, timeout=timeout).header
 
 
@@ -51,6 +53,16 @@ def _print_status(st: dict[str, Any]) -> None:
         c = p["counters"]
         moved = {k: v for k, v in c.items() if k.endswith("_bytes") or k.endswith("_segments")}
         print(f"        moved: {moved}")
+        leases = p.get("leases")
+        if leases:
+            print(f"        leases: granted to {leases['granted_to']} held at {leases['held_at']} "
+                  f"unleases waiting={leases['unleases_waiting']}")
+        cal = p.get("calibration")
+        if cal:
+            links = {peer: f"rtt={1e3 * x['rtt_s']:.2f}ms bw={x['bandwidth_Bps'] / 1e6:.0f}MB/s"
+                     for peer, x in cal["links"].items()}
+            print(f"        time model: prefill={1e3 * cal['prefill_s_per_token']:.3f}ms/token "
+                  f"({cal['prefill_source']}) links={links}")
 
 
 def _print_pool_summary(statuses: list[dict[str, Any]]) -> None:
@@ -73,22 +85,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     ps.add_argument("--keys", action="store_true",
                     help="also list each worker's designated segment keys (pool-wide dedup view)")
     ps.add_argument("--timeout", type=float, default=5.0)
-    ps.add_argument("--curve-dir", default=None, help="pool keys, when the pool uses CURVE")
-    pk = sub.add_parser("keygen", help="create the pool's CURVE keys in DIR")
+    ps.add_argument("--curve-dir", default=None,
+                    help="the pool's certificates, when the pool uses CURVE")
+    ps.add_argument("--curve-key", default=None,
+                    help="secret key to use: a name in --curve-dir or a path (default: the "
+                         "first status-only key there)")
+    pk = sub.add_parser("keygen", help="create one CURVE key pair in DIR (DIR/NAME.key, "
+                                       "DIR/NAME.key_secret)")
     pk.add_argument("dir")
+    pk.add_argument("--name", required=True, help="file name of the pair, e.g. w0 or ops")
+    pk.add_argument("--member", default=None,
+                    help="broker address HOST:PORT of the worker the key speaks for (omit for "
+                         "a key that may only read status)")
     a = p.parse_args(argv)
     if a.cmd == "keygen":
         from sglang_tokenlake.transport.auth import keygen
 
-        pub, sec = keygen(a.dir)
-        print(f"wrote {pub} and {sec}; start every worker with --tokenlake-curve-dir {a.dir}")
+        try:
+            pub, sec = keygen(a.dir, a.name, a.member)
+        except (ValueError, FileExistsError) as e:
+            print(f"keygen: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {pub} (copy it into every worker's --tokenlake-curve-dir) and {sec} "
+              f"(keep it on {'that worker' if a.member else 'the host that reads status'} only)")
         return 0
     if a.cmd == "status":
         rc = 0
         out = []
         for addr in a.addr:
             try:
-                st = fetch_status(addr, a.timeout, a.curve_dir, keys=a.keys or len(a.addr) > 1)
+                st = fetch_status(addr, a.timeout, a.curve_dir, keys=a.keys or len(a.addr) > 1,
+                                  curve_key=a.curve_key)
             except Exception as e:
                 print(f"{addr}: {type(e).__name__}: {e}", file=sys.stderr)
                 rc = 1

@@ -113,13 +113,30 @@ class PoolSpec:
         """``--tokenlake-peers`` for each worker; none for a pool of one."""
         return ["--tokenlake-peers", self.peers] if len(self.ports) > 1 else []
 
+    def make_keys(self, directory: str) -> list[str]:
+        """CURVE keys of this pool in ``directory`` (kept if there): one pair per worker
+        (``w<i>``, naming its broker address) and a status-only ``ops`` pair. Names."""
+        from sglang_tokenlake.transport.auth import keygen
+
+        names = [f"w{i}" for i in range(len(self.ports))]
+        for name, member in [*zip(names, self.broker_addrs), ("ops", None)]:
+            if not os.path.exists(os.path.join(directory, f"{name}.key_secret")):
+                keygen(directory, name, member)
+        return names
+
     def worker_specs(self, model: str, *, extra_args: Sequence[str] = (),
-                     **fields: Any) -> list[WorkerSpec]:
-        """One TokenLake ``WorkerSpec`` per port: ``--tokenlake-peers`` + ``extra_args``;
-        ``fields`` are the other ``WorkerSpec`` fields (page_size, segment_size, env, ...)."""
+                     curve_dir: Optional[str] = None, **fields: Any) -> list[WorkerSpec]:
+        """One TokenLake ``WorkerSpec`` per port: ``--tokenlake-peers`` + ``extra_args``
+        (+ with ``curve_dir``, its own CURVE key: ``make_keys``); ``fields`` are the other
+        ``WorkerSpec`` fields (page_size, segment_size, env, ...)."""
         fields.setdefault("cache_backend", "tokenlake")
         args = [*self.peer_args(), *extra_args]
-        return [WorkerSpec(model, p, extra_args=list(args), **fields) for p in self.ports]
+        keys: list[list[str]] = [[] for _ in self.ports]
+        if curve_dir:
+            keys = [["--tokenlake-curve-dir", curve_dir, "--tokenlake-curve-key", name]
+                    for name in self.make_keys(curve_dir)]
+        return [WorkerSpec(model, p, extra_args=[*args, *k], **fields)
+                for p, k in zip(self.ports, keys)]
 
 
 def wait_until(pred: Callable[[], T], timeout: float, what: Union[str, Callable[[], str]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
@@ -36,7 +37,10 @@ class TokenLakeConfig:
     namespace: Optional[str] = _f(
         None,
         "Namespace mixed into every segment key. Workers share segments only within "
-        "one namespace. Default: the served model path.",
+        "one namespace. Default: the served model path, its --revision, a digest of its "
+        "weight files (names, sizes, sampled content, config.json) and --weight-version, "
+        "derived again after every weight update, so KV of other weights is never shared "
+        "(updates from tensors change it only through their weight_version).",
     )
     verify_tokens: bool = _f(
         True,
@@ -46,7 +50,8 @@ class TokenLakeConfig:
     host: str = _f(
         "127.0.0.1",
         "Address this worker's TokenLake broker binds to (status queries; pool "
-        "traffic). Loopback by default; set a routable address to pool across hosts.",
+        "traffic). Loopback by default; a routable address (to pool across hosts) needs "
+        "--tokenlake-curve-dir, or --tokenlake-insecure.",
     )
     port: int = _f(
         0,
@@ -92,8 +97,31 @@ class TokenLakeConfig:
     )
     query_timeout: float = _f(
         5.0,
-        "Seconds a forward pass waits for an owner's partial attention; an owner that "
-        "does not answer makes the request start over, recomputing or pulling instead.",
+        "Seconds one forward pass may wait, over all its layers together, for owners' "
+        "partial attention; an owner that does not answer within what is left makes "
+        "the request start over, recomputing or pulling instead.",
+    )
+    prefill_cost: Optional[float] = _f(
+        None,
+        "Seconds this worker takes to prefill one token, for dispatch's time model "
+        "(ship / pull / recompute). Default: measured from its own prefill passes "
+        "(an A100-like prior until then).",
+    )
+    link_rtt: Optional[float] = _f(
+        None,
+        "Seconds of one round trip to a peer, for dispatch's time model (shipping pays "
+        "one per layer per forward pass). Default: measured per peer from heartbeats.",
+    )
+    link_bandwidth: Optional[float] = _f(
+        None,
+        "Bytes per second of a transfer from a peer, for dispatch's time model. "
+        "Default: measured per peer from the sizes and durations of pulls.",
+    )
+    lease_ttl: float = _f(
+        60.0,
+        "Seconds an owner keeps a lease (segments pinned for a requester that ships "
+        "queries to them) without a query under it; every query renews it. A lease "
+        "whose requester died or whose release was lost ends after this.",
     )
     replica_budget: float = _f(
         _POLICY.replica_budget,
@@ -124,10 +152,30 @@ class TokenLakeConfig:
         "Keep the last copy in the pool of a segment whose children are cached somewhere "
         "(evict another segment first): a prefix is usable only from its root.",
     )
+    eviction: str = _f(
+        _POLICY.eviction,
+        "Order in which a worker evicts its cached segments (always leaves first): lru "
+        "(least recently used) or aware (recency plus reuse frequency; docs/simulator.md).",
+        choices=("lru", "aware"),
+    )
     curve_dir: Optional[str] = _f(
         None,
-        "Directory with the pool's CURVE keys (made by `tokenlake keygen DIR`): brokers "
-        "then authenticate and encrypt all traffic and refuse peers without the key.",
+        "Directory of the pool's CURVE certificates (the allow-list; one per worker, made by "
+        "`tokenlake keygen DIR --name W --member HOST:PORT`): brokers then authenticate and "
+        "encrypt all traffic, admit only listed keys, and serve a pool message only when its "
+        "sender is the member its key names. Required to bind to a non-loopback address.",
+    )
+    curve_key: Optional[str] = _f(
+        None,
+        "This worker's secret key: a name in --tokenlake-curve-dir (W for DIR/W.key_secret) "
+        "or a path. Default: the secret key in that directory whose certificate names this "
+        "worker's broker address.",
+    )
+    insecure: bool = _f(
+        False,
+        "Allow binding the broker to a non-loopback --tokenlake-host without "
+        "--tokenlake-curve-dir (logged as a warning). Anyone who reaches the port can then "
+        "join the pool, read every cached prefix and its KV, and store KV: trusted networks only.",
     )
     max_inflight: int = _f(
         1024, "Requests to other workers in flight at most (back-pressure beyond it)."
@@ -153,7 +201,13 @@ class TokenLakeConfig:
             raise ValueError(
                 f"--{FLAG_PREFIX}-remote-mode must be auto, ship or pull, got {self.remote_mode!r}"
             )
-        for name in ("heartbeat_interval", "peer_timeout", "pull_timeout", "query_timeout"):
+        for name in ("prefill_cost", "link_rtt", "link_bandwidth"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(
+                    f"--{FLAG_PREFIX}-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
+        for name in ("heartbeat_interval", "peer_timeout", "pull_timeout", "query_timeout",
+                     "lease_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"--{FLAG_PREFIX}-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
@@ -164,6 +218,14 @@ class TokenLakeConfig:
                 f"--{FLAG_PREFIX}-heartbeat-interval ({self.heartbeat_interval})"
             )
         self.peer_list()  # validates the addresses
+        if not self.curve_dir and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"--{FLAG_PREFIX}-host {self.host} is reachable from other hosts: set "
+                f"--{FLAG_PREFIX}-curve-dir (per-worker CURVE keys, see docs/security.md), or "
+                f"--{FLAG_PREFIX}-insecure to serve the pool unauthenticated on a trusted network"
+            )
+        if self.curve_key and not self.curve_dir:
+            raise ValueError(f"--{FLAG_PREFIX}-curve-key needs --{FLAG_PREFIX}-curve-dir")
         if not 0.0 <= self.replica_budget <= 1.0:
             raise ValueError(f"--{FLAG_PREFIX}-replica-budget must be in [0, 1], got {self.replica_budget}")
         if self.hot_window < 16:
@@ -222,7 +284,7 @@ class TokenLakeConfig:
         return PolicyConfig(
             replica_budget=self.replica_budget, hot_window=self.hot_window, hot_k=self.hot_k,
             replan_every=self.replan_every, placement_choices=self.placement_choices,
-            pool_leaf_first=self.pool_leaf_first,
+            pool_leaf_first=self.pool_leaf_first, eviction=self.eviction,
         )
 
     def peer_list(self) -> list[str]:
@@ -247,6 +309,16 @@ class TokenLakeConfig:
         if unknown:
             raise ValueError(f"unknown TokenLake settings: {sorted(unknown)}")
         return cls(**d)
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` reachable from this host only (127.0.0.0/8, ::1, localhost)?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name (or a wildcard) other hosts may resolve
 
 
 def _unwrap_optional(typ: Any) -> Any:

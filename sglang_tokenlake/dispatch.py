@@ -31,10 +31,18 @@ is served in one of four modes::
    exactly optimal when the initial loads are equal (Harvey, Ladner, Lovász &
    Tamir, "Semi-matchings for bipartite graphs and load balancing", 2003: no
    cost-reducing path is the optimality condition).
-3. Per owner, the mode that moves fewer bytes: one query stream for all its
-   segments versus their KV (ties pull: pulled KV is reused by every later step);
-   RECOMPUTE instead when even the cheaper transfer takes longer than prefilling
-   the tokens at ``Costs.recompute_s_per_token``.
+3. Per owner, the mode that takes the least *time* (``Costs``; ties pull: pulled
+   KV is reused by every later step)::
+
+       SHIP      = RTT x layers x (prefill passes + expected decode steps)
+                   + query bytes / bandwidth + owner attention compute
+       PULL      = RTT + KV bytes / bandwidth
+                   + memory: under pressure a pulled copy displaces cached
+                     segments, charged as their expected recompute
+       RECOMPUTE = tokens x prefill seconds per token
+
+   RTT and bandwidth are per owner (``Costs.links``, measured by the live pool);
+   the defaults are priors until measurements exist.
 
 Plain Python: no torch, sglang or zmq.
 """
@@ -44,7 +52,7 @@ from __future__ import annotations
 import enum
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -79,9 +87,18 @@ class ModelShape:
         return per_token * tokens * self.layers
 
 
+class Link(NamedTuple):
+    """One owner as seen from the executor."""
+
+    rtt_s: float
+    bandwidth_Bps: float
+
+
 @dataclass(frozen=True)
 class Costs:
-    """What moving and computing cost (defaults: 25 GB/s links, an A100 prefilling an 8B model)."""
+    """What moving and computing cost. Defaults are priors (25 GB/s links with 10 us
+    round trips, an A100 prefilling an 8B model); the live pool replaces them with
+    what it measures (``pool/calibration.py``)."""
 
     bandwidth_Bps: float = 25e9
     """Bytes per second one transfer between two workers gets."""
@@ -89,9 +106,38 @@ class Costs:
     """Seconds of executor compute to prefill one token again."""
     attn_s_per_token_pair: float = 3.4e-9
     """Seconds of owner compute per (query token x cached token) of partial attention."""
+    rtt_s: float = 1e-5
+    """Seconds of one request/reply round trip to an owner (shipping pays one per layer
+    per forward pass)."""
+    links: Mapping[str, Link] = field(default_factory=dict)
+    """Per-owner round trip and bandwidth where measured (else the two above)."""
+    memory_pressure: float = 0.0
+    """Fraction (0..1) of a pulled copy's memory the executor must free by evicting
+    cached segments."""
+    evicted_reuse: float = 0.5
+    """Chance that an evicted segment is needed again (its recompute is charged)."""
 
-    def pull_s(self, shape: ModelShape, tokens: int) -> float:
-        return shape.kv_bytes(tokens) / self.bandwidth_Bps
+    def link(self, worker: str) -> Link:
+        got = self.links.get(worker)
+        return got if got is not None else Link(self.rtt_s, self.bandwidth_Bps)
+
+    def pull_s(self, shape: ModelShape, tokens: int, worker: str = "") -> float:
+        """Seconds to pull ``tokens`` tokens of KV from ``worker``, memory included."""
+        rtt, bw = self.link(worker)
+        memory = (self.memory_pressure * self.evicted_reuse * tokens
+                  * self.recompute_s_per_token)
+        return rtt + shape.kv_bytes(tokens) / bw + memory
+
+    def ship_s(self, shape: ModelShape, worker: str, query_tokens: int, passes: int,
+               cached_tokens: int) -> float:
+        """Seconds to ship ``query_tokens`` queries over ``passes`` forward passes to
+        ``worker``, which attends them to ``cached_tokens`` of its segments."""
+        rtt, bw = self.link(worker)
+        return (rtt * shape.layers * passes + shape.query_bytes(query_tokens) / bw
+                + self.attn_s_per_token_pair * query_tokens * cached_tokens)
+
+    def recompute_s(self, tokens: int) -> float:
+        return tokens * self.recompute_s_per_token
 
 
 class Assignment(NamedTuple):
@@ -200,14 +246,14 @@ def plan(
     The serving worker of every non-RECOMPUTE assignment holds the segment
     (``worker in locations[key]``).
     """
-    query_tokens = max(new_tokens, 1) + max(expected_output_tokens, 0)
-    ship_b = shape.query_bytes(query_tokens)
-    seg_pull_b = shape.kv_bytes(segment_size)
+    steps = max(expected_output_tokens, 0)
+    query_tokens = max(new_tokens, 1) + steps
+    passes = 1 + steps
     # One segment's work for its owner, in the mode a lone segment would take.
-    if ship_b < seg_pull_b:
+    if costs.ship_s(shape, "", query_tokens, passes, segment_size) < costs.pull_s(shape, segment_size):
         unit = costs.attn_s_per_token_pair * query_tokens * segment_size
     else:
-        unit = seg_pull_b / costs.bandwidth_Bps
+        unit = shape.kv_bytes(segment_size) / costs.bandwidth_Bps
 
     remote: list[int] = []
     for k in request_segments:
@@ -221,12 +267,11 @@ def plan(
         per_owner[w] += 1
     mode_of: dict[str, Mode] = {}
     for w, n in per_owner.items():
-        pull_b = n * seg_pull_b
-        best = Mode.SHIP_QUERY if ship_b < pull_b else Mode.PULL_KV
-        move_s = min(ship_b, pull_b) / costs.bandwidth_Bps
-        if move_s > n * segment_size * costs.recompute_s_per_token:
-            best = Mode.RECOMPUTE
-        mode_of[w] = best
+        tokens = n * segment_size
+        times = [(costs.pull_s(shape, tokens, w), 0, Mode.PULL_KV),
+                 (costs.ship_s(shape, w, query_tokens, passes, tokens), 1, Mode.SHIP_QUERY),
+                 (costs.recompute_s(tokens), 2, Mode.RECOMPUTE)]
+        mode_of[w] = min(times)[2]
 
     out: list[Assignment] = []
     for k in request_segments:

@@ -6,7 +6,9 @@ peer agent thread records replies, the scheduler thread reads the live set).
 A member is identified by its broker address ``host:port``. A member that has
 not been heard from within ``peer_timeout`` seconds is dead and leaves the
 placement; hearing from it again makes it rejoin. A new ``boot`` id from a
-known member means it restarted: what it held before is gone.
+known member means it restarted: what it held before is gone. At most
+``max_members`` members are tracked (seeds and learned ones included); a new
+one beyond that is refused.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class MembershipEvents:
 
 class Membership:
     def __init__(self, self_id: str, capacity: int, boot: str, layout: str,
-                 peer_timeout: float = 3.0, clock=time.monotonic) -> None:
+                 peer_timeout: float = 3.0, clock=time.monotonic,
+                 max_members: int = 1024) -> None:
         self.self_id = self_id
+        self.max_members = max_members
         self.boot = boot
         self.layout = layout
         self.peer_timeout = peer_timeout
@@ -56,12 +60,18 @@ class Membership:
         }
         self.version = 0  # bumped whenever the live set changes
 
-    def add_seed(self, member_id: str) -> None:
-        """A peer named on the command line: known, not yet alive."""
+    def add_seed(self, member_id: str) -> bool:
+        """A peer named on the command line or by a member: known, not yet alive.
+
+        Returns False when it is new and ``max_members`` are known already."""
         if member_id == self.self_id:
-            return
+            return True
         with self._lock:
-            self._members.setdefault(member_id, Member(member_id))
+            if member_id not in self._members:
+                if len(self._members) >= self.max_members:
+                    return False
+                self._members[member_id] = Member(member_id)
+        return True
 
     def seen(self, member_id: str, capacity: int, boot: str, layout: Optional[str]) -> MembershipEvents:
         """Record a heartbeat (or its reply) from ``member_id``."""
@@ -77,6 +87,8 @@ class Membership:
         with self._lock:
             m = self._members.get(member_id)
             if m is None:
+                if len(self._members) >= self.max_members:
+                    raise ValueError(f"{member_id}: {self.max_members} members known already")
                 m = self._members[member_id] = Member(member_id)
             if m.alive and m.boot and boot and m.boot != boot:
                 ev.restarted.append(member_id)

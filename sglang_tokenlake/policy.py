@@ -31,6 +31,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from sglang_tokenlake.dispatch import Assignment, Costs, ModelShape, plan
+from sglang_tokenlake.eviction import AwareParams, check_eviction
 from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
 from sglang_tokenlake.placement import Placement
 
@@ -53,8 +54,14 @@ class PolicyConfig:
     homes has the largest eviction horizon (1: always the first home)."""
     pool_leaf_first: bool = True
     """Keep the last copy of a segment whose children are cached somewhere."""
+    eviction: str = "lru"
+    """Order in which a member evicts its segments (``eviction.EVICTIONS``): ``lru`` or
+    ``aware`` (recency, reuse frequency and depth; see ``eviction``)."""
+    aware: AwareParams = AwareParams()
+    """Weights of the ``aware`` score."""
 
     def __post_init__(self) -> None:
+        check_eviction(self.eviction)
         if not 0.0 <= self.replica_budget <= 1.0:
             raise ValueError(f"replica_budget must be in [0, 1], got {self.replica_budget}")
         if self.hot_window < 16 or self.hot_k < 2:

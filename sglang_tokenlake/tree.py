@@ -13,15 +13,15 @@ stores a tensor of KV slot ids), the other workers that hold a copy
 (``owners``), a lock count (requests using it), and access statistics.
 
 Sizes are counted in tokens: every local node holds exactly ``segment_size``.
-Eviction is leaf-first LRU over local nodes: a local node is evictable when no
+Eviction is leaf-first over local nodes: a local node is evictable when no
 request locks it and no local child hangs under it (a segment is useless
 without its ancestors). Order: transient copies before designated ones, then
-least recently used first, ties by creation. In a pool, a local copy is
+by ``eviction`` (``lru``: least recently used first, or ``aware``, see
+``sglang_tokenlake.eviction``), ties by creation. In a pool, a local copy is
 *designated* when this worker is one of the segment's homes (placement) and
 *transient* otherwise (computed or pulled here, kept only while memory allows).
 
-Every node is also indexed by key (``nodes``), so announcements from other
-workers can be applied by key.
+Every node is also indexed by key (``nodes``): other workers' announcements apply by key.
 
 Plain Python: no torch, sglang or zmq. The tree never frees memory itself;
 ``evict`` returns the values it dropped and the caller frees them.
@@ -29,12 +29,12 @@ Plain Python: no torch, sglang or zmq. The tree never frees memory itself;
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sglang_tokenlake.eviction import AwareParams, check_eviction, evict_order, order_key
 from sglang_tokenlake.segments import SegmentKey
 
 
@@ -104,10 +104,12 @@ class InsertOutcome:
 class SegmentTree:
     """Segment nodes, local slots, locks and leaf-first LRU eviction."""
 
-    def __init__(self, segment_size: int) -> None:
+    def __init__(self, segment_size: int, eviction: str = "lru",
+                 aware: Optional[AwareParams] = None) -> None:
         if segment_size <= 0:
             raise ValueError(f"segment_size must be positive, got {segment_size}")
         self.segment_size = segment_size
+        self.eviction, self.aware = check_eviction(eviction), aware or AwareParams()
         self._ids = itertools.count()
         self.reset()
 
@@ -186,6 +188,10 @@ class SegmentTree:
         return path
 
     # -- insert --------------------------------------------------------------
+
+    def child(self, parent: SegmentNode, key: SegmentKey) -> SegmentNode:
+        """``parent``'s child ``key``, created (no copy, no owner) where missing."""
+        return parent.children[key] if key in parent.children else self._new_child(parent, key)
 
     def _new_child(self, parent: SegmentNode, key: SegmentKey) -> SegmentNode:
         child = SegmentNode(key, parent, parent.depth + 1, next(self._ids))
@@ -286,12 +292,12 @@ class SegmentTree:
 
     def evict(self, num_tokens: int,
               keep: Optional[Callable[[SegmentNode], bool]] = None) -> list[tuple[SegmentNode, Any]]:
-        """Drop local segments, least recently used leaves first, until at least
-        ``num_tokens`` are freed or nothing evictable is left.
+        """Drop local segments, leaves first, until at least ``num_tokens`` are freed
+        or nothing evictable is left.
 
         Transient copies of segments another worker holds go first, wherever they
         sit in a chain (a hole is served by that worker); then leaves, transient
-        before designated, least recently used first. A leaf for which ``keep``
+        before designated, in ``eviction`` order (``eviction.order_key``). A leaf for which ``keep``
         is true (the pool-wide leaf-first rule: the last copy of a segment whose
         children are cached elsewhere) is passed over while any other leaf can
         go, and dropped only after all of them.
@@ -310,25 +316,16 @@ class SegmentTree:
                     return out
                 out.append((node, self._drop_local(node)))
                 freed += self.segment_size
-        heap = [(n.designated, n.last_access, n.id, n) for n in self._evictable_leaves]
-        heapq.heapify(heap)
-        kept: list[tuple[bool, int, int, SegmentNode]] = []
-        while freed < num_tokens and (heap or kept):
-            if not heap:  # only passed-over leaves are left: drop them in order
-                heap, kept, keep = kept, [], None
-                heapq.heapify(heap)
-            entry = heapq.heappop(heap)
-            node = entry[-1]
-            if node not in self._evictable_leaves:
-                continue
-            if keep is not None and keep(node):
-                kept.append(entry)
-                continue
+        life = self._tick - (self.oldest_access() or 0) if self.eviction == "aware" else 0.0
+
+        def drop(node: SegmentNode) -> Optional[SegmentNode]:
             parent = node.parent  # read before _drop_local may prune the node
             out.append((node, self._drop_local(node)))
-            freed += self.segment_size
-            if parent is not None and parent in self._evictable_leaves:
-                heapq.heappush(heap, (parent.designated, parent.last_access, parent.id, parent))
+            return parent
+
+        evict_order(self._evictable_leaves, order_key(self.eviction, life, self.aware),
+                    -(-(num_tokens - freed) // self.segment_size), self._evictable_leaves,
+                    drop, keep)
         return out
 
     def oldest_access(self) -> Optional[int]:
@@ -389,8 +386,7 @@ class SegmentTree:
         node = self.root
         want = set(held)
         for i, k in enumerate(keys[: max(want) + 1]):
-            child = node.children.get(k)
-            node = child if child is not None else self._new_child(node, k)
+            node = self.child(node, k)
             if i in want:
                 node.owners.add(owner)
 
@@ -425,8 +421,7 @@ class SegmentTree:
         """
         node = self.root
         for k in keys:  # the path, created where missing
-            child = node.children.get(k)
-            node = child if child is not None else self._new_child(node, k)
+            node = self.child(node, k)
         if node.value is not None:
             return node, False
         assert node.parent is not None

@@ -134,10 +134,15 @@ class MiniScheduler:
 
 
 def assert_invariant(cache, sched: MiniScheduler) -> None:
-    """free + cached + held by requests == capacity, and the tree is self-consistent."""
-    acct = cache.check_integrity()
+    """free + cached + held by requests == capacity, and the tree is self-consistent.
+
+    Three independent counts: the allocator's free list, the tree's slots, and the
+    slots the running requests' rows reference outside the tree (measured from
+    req_to_token); the requests' own lengths must agree with the last."""
+    acct = cache.check_integrity([r.kv for r in sched.running])
     assert acct["held_by_requests"] == sched.held_by_running(), acct
     assert acct["free"] + acct["cached"] + acct["held_by_requests"] == acct["capacity"], acct
+    assert acct["held_derived"] == acct["held_by_requests"] and acct["unaccounted"] == 0, acct
     assert acct["cached"] == acct["locked"] + acct["evictable"], acct
     if not sched.running:
         assert acct["locked"] == 0, acct

@@ -73,6 +73,7 @@ class FakeHost:
         self.queued = 0
         self.pool: Optional[PoolLink] = None
         self.evicted: list[int] = []
+        self.held: Optional[list[Callable[[], None]]] = None  # jobs of a busy scheduler
 
     # -- CacheHost ---------------------------------------------------------------------
 
@@ -105,12 +106,35 @@ class FakeHost:
             self.free.extend(base[off : off + self.segment_size].tolist())
 
     def submit(self, fn: Callable[[], None]) -> None:
-        fn()
+        if self.held is not None:
+            self.held.append(fn)  # the scheduler is busy: runs at run_held()
+        else:
+            fn()
+
+    def run_held(self) -> None:
+        jobs, self.held = self.held or [], None
+        for fn in jobs:
+            fn()
+
+    def flush(self) -> None:
+        """SGLang's flush_cache, as TokenLakeCache.reset does it: every slot back to the
+        allocator, a new tree."""
+        if self.pool is not None:
+            self.pool.on_evicted([n for n in self.tree.nodes.values() if n.value is not None])
+        with self.slot_mutex:
+            self.tree.reset()
+            if self.pool is not None:
+                self.pool.remote.leases.end_all()
+        self.free = list(range(1, self.capacity + 1))
+        if self.pool is not None:
+            self.pool.on_flush()
 
     # -- what the adapter does around the pool -------------------------------------------
 
     def evict(self, tokens: int) -> list[SegmentNode]:
         keep = self.pool.keep_copy if self.pool is not None else None
+        if self.pool is not None:
+            self.pool.before_free()
         dropped = self.tree.evict(tokens, keep)
         for node, (base, off) in dropped:
             self.free.extend(base[off : off + self.segment_size].tolist())
@@ -140,7 +164,7 @@ class FakeHost:
                                                    for i in range(first_new, len(keys))]
         out = self.tree.insert(keys, raw, values)
         if self.pool is not None:
-            self.pool.on_inserted(keys, out)
+            self.pool.on_inserted(keys, out, SEED)
         return keys
 
     def check(self) -> None:

@@ -21,9 +21,14 @@ from sglang_tokenlake.cluster import (
     wait_until,
 )
 
-# Servers started by tests fail loudly on any slot leak SGLang itself can see.
+# Servers started by tests fail loudly on any slot leak SGLang itself can see: the
+# idle check, and after every scheduler iteration with a batch the busy check
+# (available + evictable + protected + the live requests' own slots == capacity),
+# followed by the KV page check (no live row references a free page; no page is
+# freed twice), which SGLang runs only as part of the busy check.
 STRICT_ENV = {
     "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
+    "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
     "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1",
 }
 
@@ -41,13 +46,13 @@ def running_pool(model: str, log_dir: str, n: int, *, pool_args: Sequence[str] =
                  page_size: int = 16, segment_size: int = 32, max_total_tokens: int = 16384,
                  stock: bool = False, curve_dir: Optional[str] = None) -> Iterator[Pool]:
     """``n`` TokenLake workers (``--tokenlake-peers`` + ``pool_args``, strict memory checks;
-    with ``curve_dir``, CURVE keys) and optionally a stock worker; yields once every worker
-    sees all ``n`` members alive. Stops them all on the way out, frozen ones too."""
+    with ``curve_dir``, a CURVE key per worker made there) and optionally a stock worker;
+    yields once every worker sees all ``n`` members alive. Stops them all on the way out,
+    frozen ones too."""
     spec = PoolSpec.pick(n)
-    args = [*pool_args, *(["--tokenlake-curve-dir", curve_dir] if curve_dir else [])]
-    specs = spec.worker_specs(model, extra_args=args, page_size=page_size,
-                              segment_size=segment_size, max_total_tokens=max_total_tokens,
-                              env=STRICT_ENV)
+    specs = spec.worker_specs(model, extra_args=pool_args, curve_dir=curve_dir,
+                              page_size=page_size, segment_size=segment_size,
+                              max_total_tokens=max_total_tokens, env=STRICT_ENV)
     if stock:
         specs.append(WorkerSpec(model, free_port(avoid=spec.ports), "radix", page_size=page_size,
                                 max_total_tokens=max_total_tokens, env=STRICT_ENV))
@@ -99,8 +104,12 @@ def wait_idle_status(broker_addr: str, timeout: float = 30.0) -> dict:
 
 
 def assert_memory_invariant(st: dict) -> None:
+    """free + cached + held_by_requests == capacity, from three independent counts: the
+    allocator's free list, the tree's slots and the slots the live requests' rows hold
+    outside the tree (``held_derived`` is capacity - free - cached)."""
     m = st["memory"]
     assert m["free"] + m["cached"] + m["held_by_requests"] == m["capacity"], m
+    assert m["held_derived"] == m["held_by_requests"] and m["unaccounted"] == 0, m
     assert m["cached"] == m["locked"] + m["evictable"], m
 
 

@@ -213,3 +213,57 @@ def test_random_soak_keeps_the_invariant():
     assert cache.stats.evicted_segments > 0
     cache.evict(__import__("sglang.srt.mem_cache.base_prefix_cache", fromlist=["EvictParams"]).EvictParams(num_tokens=10**9))
     assert alloc.available_size() == 384
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_accounting_measures_held_slots_and_catches_a_leak(page_size):
+    """held_by_requests is measured from the live rows, not derived from the rest:
+    a slot no request and no segment references breaks the balance."""
+    cache, sched, alloc = make(capacity=256, page_size=page_size, segment_size=8)
+    a = FakeReq("a", list(range(1, 30)))
+    sched.admit(a)
+    sched.checkpoint(a)  # 3 segments to the tree, the tail stays the request's
+    acct = cache.check_integrity([a.kv])
+    assert acct["held_by_requests"] == sched.held_by_running() > 0
+    assert_invariant(cache, sched)
+    leaked = alloc.alloc(page_size)  # held by nobody
+    assert leaked is not None
+    acct = cache.check_integrity([a.kv])
+    assert acct["unaccounted"] == page_size and acct["held_derived"] == acct["held_by_requests"] + page_size
+    with pytest.raises(AssertionError):
+        assert_invariant(cache, sched)
+    alloc.free(leaked)
+    sched.finish(a)
+    assert_invariant(cache, sched)
+
+
+def test_accounting_catches_a_row_slot_that_was_freed():
+    """A live row pointing at a freed slot (a use-after-free) is counted held, so the
+    free list and the rows together overshoot the capacity."""
+    cache, sched, alloc = make(capacity=256, segment_size=8)
+    a = FakeReq("a", list(range(1, 13)))  # 1 segment + a tail of 4
+    sched.admit(a)
+    tail = sched.row(a)[8:]
+    alloc.free(tail[:1])
+    acct = cache.check_integrity([a.kv])
+    assert acct["unaccounted"] == -1
+    with pytest.raises(AssertionError):
+        assert_invariant(cache, sched)
+
+
+def test_accounting_reads_the_attached_schedulers_live_requests():
+    """In a server the live requests come from SGLang's scheduler (its invariant checker's
+    row owners, else its batches and the chunked request)."""
+    from types import SimpleNamespace
+
+    cache, sched, alloc = make(capacity=256, segment_size=8)
+    a, b = FakeReq("a", list(range(1, 13))), FakeReq("b", list(range(50, 70)))
+    sched.admit(a)
+    sched.admit(b)
+    cache._scheduler = SimpleNamespace(last_batch=SimpleNamespace(reqs=[a]),
+                                       running_batch=SimpleNamespace(reqs=[a]), chunked_req=b)
+    acct = cache.check_integrity()
+    assert acct["held_by_requests"] == sched.held_by_running() == acct["held_derived"]
+    cache._scheduler = SimpleNamespace(
+        invariant_checker=SimpleNamespace(_requests_owning_rows=lambda: [a]))
+    assert cache.check_integrity()["unaccounted"] == b.kv.kv_allocated_len

@@ -33,6 +33,10 @@ BAD = [
         (["--enable-hierarchical-cache"], "cannot be combined with: --enable-hierarchical-cache"),
         (["--radix-eviction-policy", "lfu"], "--radix-eviction-policy lfu"),
         (["--radix-cache-backend", "flexkv"], "conflicts with --radix-cache-backend flexkv"),
+        (["--tp-size", "2"], "supports --tp-size 1 only"),
+        (["--tokenlake-host", "10.0.0.2"], "or --tokenlake-insecure to serve the pool unauthenticated"),
+        (["--device", "cuda", "--disable-overlap-schedule", "--tokenlake-remote-mode", "ship"],
+         "CUDA graphs cover the decode and prefill passes"),
 ]
 
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sglang_tokenlake.dispatch import Assignment, Costs, Mode, ModelShape, balance, plan
+from sglang_tokenlake.dispatch import Assignment, Costs, Link, Mode, ModelShape, balance, plan
 
 SHAPE = ModelShape()  # 32 layers, 32 q heads, 8 kv heads, head_dim 128, bf16
 SEG = 256
@@ -37,21 +37,57 @@ def test_long_prompt_pulls_kv_and_balances_replicas():
     ]
 
 
+NO_RTT = Costs(rtt_s=0.0)  # a link where only bytes count
+
+
 def test_short_query_ships_to_owners():
     # 10 new + 20 output tokens: 30 * 528384 = 15.9 MB per owner < 33.5 MB per segment.
     locations = {1: {"a"}, 2: {"a"}, 3: {"a"}, 4: {"b"}}
-    got = _plan([1, 2, 3, 4], locations, {}, new=10, out=20)
+    got = _plan([1, 2, 3, 4], locations, {}, new=10, out=20, costs=NO_RTT)
     assert [(a.worker, a.mode) for a in got] == [
         ("a", Mode.SHIP_QUERY), ("a", Mode.SHIP_QUERY), ("a", Mode.SHIP_QUERY),
         ("b", Mode.SHIP_QUERY)]
 
 
-def test_mode_is_chosen_per_owner_by_bytes():
+def test_mode_is_chosen_per_owner_by_time():
     # 100 query tokens: 52.8 MB to ship; a holds 3 segments (100.7 MB to pull) -> ship;
     # b holds 1 (33.5 MB to pull) -> pull.
     locations = {1: {"a"}, 2: {"a"}, 3: {"a"}, 4: {"b"}}
-    got = _plan([1, 2, 3, 4], locations, {}, new=100, out=0)
+    got = _plan([1, 2, 3, 4], locations, {}, new=100, out=0, costs=NO_RTT)
     assert [a.mode for a in got] == [Mode.SHIP_QUERY] * 3 + [Mode.PULL_KV]
+
+
+def test_round_trips_per_layer_and_step_make_shipping_lose_to_pulling():
+    # Same request as above: shipping to b pays 32 layers x 21 passes round trips.
+    # 50 us each: 33.6 ms + 0.63 ms of bytes + 0.03 ms attention > pulling b's segment
+    # (50 us + 1.34 ms); at 1 us per round trip shipping wins (0.67 + 0.66 ms).
+    locations = {1: {"b"}}
+    slow_rtt = Costs(rtt_s=50e-6)
+    assert _plan([1], locations, {}, new=10, out=20, costs=slow_rtt)[0].mode is Mode.PULL_KV
+    fast_rtt = Costs(rtt_s=1e-6)
+    assert _plan([1], locations, {}, new=10, out=20, costs=fast_rtt)[0].mode is Mode.SHIP_QUERY
+    c = slow_rtt
+    ship = c.ship_s(SHAPE, "b", 30, 21, SEG)
+    assert ship == pytest.approx(50e-6 * 32 * 21 + SHAPE.query_bytes(30) / 25e9
+                                 + 3.4e-9 * 30 * SEG)
+    assert c.pull_s(SHAPE, SEG, "b") == pytest.approx(50e-6 + SHAPE.kv_bytes(SEG) / 25e9)
+
+
+def test_each_owner_is_timed_over_its_own_link():
+    # a's link is measured slow (1 MB/s): its segment is recomputed; b's is pulled.
+    costs = Costs(links={"a": Link(1e-3, 1e6)})
+    got = _plan([1, 2], {1: {"a"}, 2: {"b"}}, {}, new=1000, out=10, costs=costs)
+    assert [(a.worker, a.mode) for a in got] == [("e", Mode.RECOMPUTE), ("b", Mode.PULL_KV)]
+
+
+def test_memory_pressure_makes_pulling_cost_its_evictions():
+    # 1 query token, 10 steps at 10 us round trips: shipping 3.2 ms + bytes; pulling
+    # 1.35 ms with free memory, but 1.35 ms + 0.5 x 256 x 103 us = 14.5 ms when every
+    # pulled byte must evict a cached one.
+    locations = {1: {"b"}}
+    assert _plan([1], locations, {}, new=1, out=9)[0].mode is Mode.PULL_KV
+    pressed = Costs(memory_pressure=1.0)
+    assert _plan([1], locations, {}, new=1, out=9, costs=pressed)[0].mode is Mode.SHIP_QUERY
 
 
 def test_slow_links_recompute_on_the_executor():

@@ -1,27 +1,26 @@
-"""CURVE: two workers sharing pool keys work together; a peer without the keys gets nothing."""
+"""CURVE: two workers with their own keys work together; a peer without a listed key gets
+nothing; an authenticated key cannot speak for a member it does not name."""
 
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from serving import generate, random_tokens, running_pool
 
 from sglang_tokenlake.cli import fetch_status
 from sglang_tokenlake.transport.auth import keygen, load_curve_keys
-from sglang_tokenlake.transport.client import Client
+from sglang_tokenlake.transport.client import Client, RemoteError
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pool-keys")
-    out = subprocess.run([sys.executable, "-m", "sglang_tokenlake.cli", "keygen", str(d)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert (d / "pool.key").exists() and (d / "pool.key_secret").exists()
-    return str(d)
+    # running_pool makes one key pair per worker (w0, w1) and a status-only one (ops) here.
+    return str(tmp_path_factory.mktemp("pool-keys"))
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +41,29 @@ def test_authenticated_pool_shares_segments(pair, keys):
     assert fetch_status(b.broker_addr, curve_dir=keys)["pool"]["counters"]["pulled_segments"] > 0
 
 
-def test_unauthenticated_peer_gets_nothing(pair, tmp_path):
+def test_unauthenticated_peer_gets_nothing(pair, keys, tmp_path):
     a, _ = pair
     with Client(f"tcp://{a.broker_addr}") as c:  # no CURVE at all
         for kind in ("ping", "status", "get", "hello"):
             with pytest.raises(TimeoutError):
                 c.request(kind, {"from": "x:1", "keys": [1]}, timeout=1.5)
-    keygen(str(tmp_path / "other"))  # valid CURVE, but not the pool's keys
-    with Client(f"tcp://{a.broker_addr}", curve=load_curve_keys(str(tmp_path / "other"))) as c:
+    keygen(str(tmp_path / "other"), "x")  # valid CURVE, but not on the pool's list
+    shutil.copy(Path(keys) / "w0.key", tmp_path / "other" / "a.key")  # a's public certificate
+    with Client(f"tcp://{a.broker_addr}",
+                curve=load_curve_keys(str(tmp_path / "other"), "x")) as c:
         with pytest.raises(TimeoutError):
             c.request("ping", timeout=1.5)
+
+
+def test_a_listed_key_cannot_speak_for_another_member(pair, keys):
+    a, b = pair
+    for key in ("ops", "w1"):  # status-only; the other worker's
+        with Client(f"tcp://{a.broker_addr}", curve=load_curve_keys(keys, key)) as c:
+            assert c.request("ping", timeout=10).kind == "pong"
+            for kind in ("hello", "get", "sync"):
+                with pytest.raises(RemoteError, match="not the member"):
+                    c.request(kind, {"from": a.broker_addr if key == "w1" else b.broker_addr,
+                                     "keys": [1]}, timeout=10)
 
 
 def test_status_cli_with_keys(pair, keys):

@@ -149,7 +149,7 @@ def test_pull_brings_the_whole_run_in_and_honours_the_plan():
     assert len(path) + len(run) == len(keys)
     remote = [n for n in run if n.value is None]
     assert remote, "some segments are held by B only"
-    decided = a.pool.transfers._decisions[id(req)][1]
+    decided = a.pool.transfers._decisions.get(req)[1]
     assert all(d.mode is Mode.PULL_KV and d.worker == B for d, n in zip(decided, run)
                if n.value is None)
     free_before = a.free_tokens()
@@ -238,10 +238,10 @@ def test_ship_leases_the_owners_segments_until_the_request_leaves():
     assert plan is not None
     shipped = [k for _, k in plan.owners[B]]
     assert shipped == [n.key for n in nodes if n.value is None]
-    assert all(b.tree.nodes[k].lock_ref > 0 for k in shipped)
     assert a.free_tokens() == a.capacity - a.tree.cached_tokens  # no slot for shipped segments
     assert len(b.pool.remote.leases) == 1
-    b.evict(10**6)  # leased segments survive any eviction
+    b.evict(10**6)  # leased segments survive any eviction (pinned before it)
+    assert all(b.tree.nodes[k].lock_ref > 0 for k in shipped)
     assert all(b.tree.nodes[k].value is not None for k in shipped)
     a.pool.forget(req)  # the request finished: unlease
     assert not b.pool.remote.leases

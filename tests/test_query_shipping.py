@@ -177,3 +177,39 @@ def test_owner_that_stops_answering_falls_back_without_a_wrong_token(pool):
     assert c.get("ship_failures", 0) >= 1
     assert c.get("retracted_requests", 0) >= 1
     assert_memory_invariant(wait_idle_status(ws[3].broker_addr))
+
+
+def test_flush_on_the_owner_mid_request_never_gives_a_wrong_token(pool):
+    """POST /flush_cache on an owner (what every weight update does) while a long
+    decode on worker 3 ships its queries there: the owner's leases end with its tree,
+    the requester starts over and finishes with stock's tokens, and the owner's
+    slot accounting still holds (no double free, no leaked lock)."""
+    import requests
+
+    ws, stock = pool["workers"], pool["stock"]
+    doc, owners = _doc_with_owners(pool, 1, seed=400)
+    _compute_and_send_home(pool, doc)
+    owner = next(w for w in ws if w.broker_addr == owners[0])
+    ids = doc + [21, 22, 23]
+    want = generate(stock.url, ids, 300)["output_ids"]
+    served0 = fetch_status(owner.broker_addr)["pool"]["counters"].get("attend_served", 0)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=generate(ws[3].url, ids, 300, timeout=120)))
+    t.start()
+    wait_until(lambda: fetch_status(owner.broker_addr)["pool"]["counters"].get("attend_served", 0)
+               > served0 + 5, 60, "the owner to serve queries", interval=0.02)
+    r = requests.post(owner.url + "/flush_cache", timeout=30)
+    t.join(90)
+    assert not t.is_alive(), "request hung"
+    assert r.status_code == 200, r.text
+    assert result["out"]["output_ids"] == want
+    c_owner = fetch_status(owner.broker_addr)["pool"]["counters"]
+    assert c_owner.get("flushes", 0) >= 1 and c_owner.get("leases_ended_by_flush", 0) >= 1
+    c = fetch_status(ws[3].broker_addr)["pool"]["counters"]
+    assert c.get("retracted_requests", 0) >= 1
+    st = wait_idle_status(owner.broker_addr)
+    assert_memory_invariant(st)
+    assert st["pool"]["leases"]["granted_to"] == {}
+    assert_memory_invariant(wait_idle_status(ws[3].broker_addr))
+    generate(owner.url, doc + [1], 4)  # the owner keeps serving
+    assert_memory_invariant(wait_idle_status(owner.broker_addr))

@@ -21,7 +21,8 @@ from serving import (
     wait_idle_status,
 )
 
-from sglang_tokenlake.cluster import WorkerSpec, free_port, start_workers, stop_workers
+from sglang_tokenlake.cli import fetch_status
+from sglang_tokenlake.cluster import WorkerSpec, free_port, start_workers, stop_workers, wait_until
 
 pytestmark = pytest.mark.server
 PAGE = SEG = 16
@@ -35,7 +36,8 @@ def pair(tiny_model, log_dir):
         WorkerSpec(tiny_model, p1, "radix", page_size=PAGE, max_total_tokens=16384, env=STRICT_ENV,
                    extra_args=["--enable-metrics"]),
         WorkerSpec(tiny_model, p2, "tokenlake", page_size=PAGE, segment_size=SEG,
-                   max_total_tokens=16384, env=STRICT_ENV,
+                   max_total_tokens=16384,
+                   env={**STRICT_ENV, "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "2"},
                    extra_args=["--enable-metrics", "--tokenlake-log-interval", "1"]),
     ]
     workers = start_workers(specs, log_dir)
@@ -118,6 +120,33 @@ def test_status_path_and_invariant(pair):
     assert st["stats"]["hit_tokens"] > 0
 
 
+def test_slots_held_by_live_requests_are_measured_while_busy(pair):
+    """While requests run, the slots their rows hold are counted from the rows
+    themselves and match what the allocator and the tree leave over."""
+    import threading
+    import time
+
+    _, tl = pair
+    rng = random.Random(7)
+    seen: list[dict] = []
+    threads = [threading.Thread(target=generate, args=(tl.url, random_tokens(rng, 150 + 40 * i), 600))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+
+    while any(t.is_alive() for t in threads):  # sample the status while they run
+        seen.append(fetch_status(tl.broker_addr)["memory"])
+        time.sleep(0.05)
+    assert sum(m["held_by_requests"] > 0 for m in seen) >= 3, seen
+    assert all(m["unaccounted"] == 0 for m in seen), [m for m in seen if m["unaccounted"]]
+    assert_memory_invariant(wait_idle_status(tl.broker_addr))
+    # SGLang's own busy-time check ran after every batch (verbose level 2 logs each
+    # run; a leak would have failed the scheduler) and the KV page check with it.
+    log = tl.log_path.read_text()
+    assert "[Mem Check (BUSY)] [full]" in log
+    assert "Mem Leak Detected" not in log and "use-after-free" not in log
+
+
 def test_metrics_and_log_show_the_counters(pair):
     radix, tl = pair
     generate(tl.url, list(range(3, 60)))
@@ -126,9 +155,7 @@ def test_metrics_and_log_show_the_counters(pair):
     assert hits and float(hits[0].rsplit(" ", 1)[1]) > 0
     assert "sglang:tokenlake_miss_tokens_total" in text
     assert "sglang:tokenlake_cached_tokens" in text
-    import time
-
-    time.sleep(1.5)
-    assert "TokenLake cache: hit_tokens=" in tl.log_path.read_text()
+    wait_until(lambda: "TokenLake cache: hit_tokens=" in tl.log_path.read_text(), 30,
+               "the statistics line in the log (--tokenlake-log-interval 1)")
     # The stock worker has no TokenLake series.
     assert "tokenlake" not in requests.get(radix.url + "/metrics", timeout=10).text

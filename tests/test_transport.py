@@ -1,12 +1,12 @@
 """Wire format, broker, client and peer agent (in-process, loopback)."""
 
 import threading
-import time
 
 import msgpack
 import pytest
 import zmq
 
+from sglang_tokenlake.cluster import wait_until
 from sglang_tokenlake.transport.auth import keygen, load_curve_keys, start_authenticator
 from sglang_tokenlake.transport.broker import Broker
 from sglang_tokenlake.transport.client import Client, RemoteError
@@ -116,9 +116,8 @@ def test_malformed_messages_are_counted_and_dropped(broker):
         s.send_multipart([bytes([i % 256]) * (i % 7)] if i % 3 else [_hdr(t="unknown")])
     with Client(ep) as c:
         assert c.request("ping").kind == "pong"
-    deadline = time.monotonic() + 5
-    while b.counters["malformed"] < 300 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: b.counters["malformed"] >= 300, 5,
+               lambda: f"300 malformed messages counted, got {b.counters['malformed']}")
     assert b.counters["malformed"] == 300
     s.close()
 
@@ -135,14 +134,14 @@ def test_bind_error_is_reported():
 
 
 def _wait_connected(agent, peer):
-    deadline = time.monotonic() + 10
-    while True:
+    """The first ping ``peer`` answers (the agent connects in the background)."""
+    def pong():
         try:
             return agent.request(peer, "ping", timeout=2).result(5)
         except ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+            return None
+
+    return wait_until(pong, 10, f"{peer} to answer a ping", interval=0.02)
 
 
 def test_agent_requests_timeouts_and_backpressure(broker):
@@ -220,28 +219,40 @@ def test_waker_wakes_a_poller_from_any_thread_and_closes():
 # -- CURVE ------------------------------------------------------------------------------------
 
 
+def _free_port():
+    from sglang_tokenlake.cluster import free_port
+
+    return free_port()
+
+
 def test_curve_keys_admit_the_pool_and_refuse_others(tmp_path):
     assert load_curve_keys(None) is None and load_curve_keys("") is None
     with pytest.raises(FileNotFoundError, match="tokenlake keygen"):
         load_curve_keys(str(tmp_path / "missing"))
-    keygen(str(tmp_path / "pool"))
-    keygen(str(tmp_path / "other"))
-    keys = load_curve_keys(str(tmp_path / "pool"))
-    assert keys is not None and keys.server_public == keys.public and len(keys.secret) == 40
+    port = _free_port()
+    member = f"127.0.0.1:{port}"
+    keygen(str(tmp_path / "pool"), "w0", member)
+    keygen(str(tmp_path / "pool"), "w1", "127.0.0.1:1")
+    keygen(str(tmp_path / "other"), "w0", member)  # valid CURVE, but not the pool's keys
+    keys = load_curve_keys(str(tmp_path / "pool"), member=member)
+    peer_keys = load_curve_keys(str(tmp_path / "pool"), "w1")
+    assert keys is not None and keys.member == member and len(keys.secret) == 40
+    assert peer_keys is not None and keys.server_key(member) == keys.public
     ctx = zmq.Context()  # its own authenticator, so other tests' brokers stay open
     try:
         start_authenticator(ctx, str(tmp_path / "pool"))
-        b = Broker("tcp://127.0.0.1:0", {"ping": lambda r: r.reply("pong")}, context=ctx,
-                   curve_public_key=keys.public, curve_secret_key=keys.secret)
+        b = Broker(f"tcp://{member}", {"ping": lambda r: r.reply("pong", {"user": r.user})},
+                   context=ctx, curve_public_key=keys.public, curve_secret_key=keys.secret)
         ep = b.start()
         try:
-            with Client(ep, context=ctx, curve=keys) as c:
-                assert c.request("ping", timeout=5).kind == "pong"
-            agent = PeerAgent(context=ctx, curve=keys)
+            with Client(ep, context=ctx, curve=peer_keys) as c:
+                reply = c.request("ping", timeout=5)
+                assert reply.kind == "pong" and reply.header["user"] == peer_keys.public.decode()
+            agent = PeerAgent(context=ctx, curve=peer_keys)
             agent.start()
             try:
-                agent.connect("srv", ep)
-                assert _wait_connected(agent, "srv").kind == "pong"
+                agent.connect(member, ep)
+                assert _wait_connected(agent, member).kind == "pong"
             finally:
                 agent.close()
             with Client(ep, context=ctx, curve=load_curve_keys(str(tmp_path / "other"))) as c:

@@ -5,10 +5,16 @@
 For every workload and rate, each configuration runs on freshly started workers
 (same model, flags, page size and --max-total-tokens; stopped before the next starts):
 
-  stock-rr              --cache-backend radix, round-robin (the harness's proxy)
+  stock-rr              --cache-backend radix, sglang-router --policy round_robin
   stock-cache-aware     --cache-backend radix, sglang-router --policy cache_aware
-  tokenlake-rr          --cache-backend tokenlake, one pool, round-robin
-  tokenlake-least-load  --cache-backend tokenlake, one pool, fewest in-flight requests
+  tokenlake-rr          --cache-backend tokenlake, one pool, sglang-router --policy round_robin
+  tokenlake-p2c         --cache-backend tokenlake, one pool, sglang-router --policy power_of_two
+  tokenlake-least-load  --cache-backend tokenlake, one pool, fewest in-flight requests (the
+                        harness's proxy: the router has no such policy)
+
+--cpu-quota CORES gives every worker's process tree its own CPU budget (a cgroup
+quota), so workers are independent compute like GPUs. --sweep raises the rate until
+the best configuration meets the SLO for fewer than 90% of requests.
 
 The identical request sequence (same prompts, same arrival times) goes to each;
 outputs are compared token for token (greedy, float32). Writes bench.json, bench.md,
@@ -32,10 +38,10 @@ from typing import Any, Optional
 
 import requests
 
-from sglang_tokenlake.bench import report, runner, workloads
+from sglang_tokenlake.bench import cpuquota, report, runner, sweep, workloads
 from sglang_tokenlake.bench.runner import CONFIGS, ClusterSettings
 
-DEFAULT_RATES = {"docs": 3.0, "chat": 2.0, "gsp": 3.0, "mooncake": 2.0}
+DEFAULT_RATES = {"docs": 3.0, "longdoc": 0.5, "chat": 2.0, "gsp": 3.0, "mooncake": 2.0}
 
 
 def _value(v: str) -> Any:
@@ -64,17 +70,32 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     g.add_argument("--worker-args", default="", help="more launch_server flags, one string (write --worker-args=\"--flag value\")")
     g.add_argument("--tokenlake-args", default="", help="more flags for TokenLake workers (--tokenlake-args=\"...\")")
     g.add_argument("--router-args", default="", help="more sglang-router flags, cache-aware (--router-args=\"...\")")
-    g.add_argument("--rr-frontend", choices=["proxy", "router"], default="proxy",
-                   help="round-robin front end: the harness's proxy or sglang-router")
+    g.add_argument("--rr-frontend", choices=["router", "proxy"], default="router",
+                   help="round-robin front end: sglang-router (default) or the harness's proxy")
+    g.add_argument("--cpu-quota", type=float, default=None, metavar="CORES",
+                   help="CPU budget of every worker's process tree, in cores (a cgroup CPU "
+                        "quota; v1 cpu controller, else v2, else taskset with a warning); "
+                        "torch threads set to match; front end and load generator outside")
     g.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     g.add_argument("--startup-timeout", type=float, default=300.0)
     w = p.add_argument_group("workload")
     w.add_argument("--workload", nargs="+", default=["docs"],
-                   help="docs, chat, gsp, mooncake (conversation trace), mooncake-synthetic, "
-                        "or mooncake-PATH.jsonl (default docs)")
+                   help="docs, longdoc, chat, gsp, mooncake (conversation trace), "
+                        "mooncake-synthetic, or mooncake-PATH.jsonl (default docs); longdoc "
+                        "has 2x --workers contexts of 3-6K tokens: use --max-total-tokens "
+                        f"{workloads.LONGDOC_MAX_TOTAL_TOKENS}")
     w.add_argument("--rates", nargs="+", type=float, default=None,
                    help="request rates (req/s), each a fresh run; default per workload "
                         f"{DEFAULT_RATES}")
+    w.add_argument("--sweep", action="store_true",
+                   help="raise the rate (from the first --rates value, times --sweep-factor; "
+                        "or through the listed --rates) until the best configuration's SLO "
+                        "attainment drops below --sweep-target")
+    w.add_argument("--sweep-factor", type=float, default=1.5, help="rate step of a sweep")
+    w.add_argument("--sweep-steps", type=int, default=8, help="most rates a sweep runs")
+    w.add_argument("--sweep-max-rate", type=float, default=None, help="highest rate a sweep runs")
+    w.add_argument("--sweep-target", type=float, default=sweep.TARGET,
+                   help="SLO attainment below which the sweep stops (default 0.9)")
     w.add_argument("--requests", type=int, default=None, help="keep the first N requests")
     w.add_argument("--workload-arg", action="append", default=[], metavar="WL.KEY=VALUE",
                    help="generator parameter, e.g. docs.documents=30 (repeatable)")
@@ -98,6 +119,27 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def rate_steps(a: argparse.Namespace, wl: workloads.BenchWorkload) -> list[float]:
+    """The rates a workload runs at: --rates (or its default), or a sweep's ladder."""
+    base = a.rates or [DEFAULT_RATES.get(wl.name.split("-")[0], 2.0)]
+    if not a.sweep:
+        return base
+    if len(base) > 1:
+        return sorted(base)
+    return sweep.geometric(base[0], a.sweep_factor, a.sweep_steps, a.sweep_max_rate)
+
+
+def check_fit(wls: list[workloads.BenchWorkload], max_total_tokens: int) -> None:
+    """Every first-turn request must fit a worker's KV (SGLang rejects it otherwise)."""
+    for wl in wls:
+        worst = max((len(r.input_ids) + r.max_new_tokens for r in wl.requests
+                     if r.parent is None), default=0)
+        if worst >= max_total_tokens:
+            raise SystemExit(f"{wl.name}: a request needs {worst} tokens (prompt + output), "
+                             f"more than --max-total-tokens {max_total_tokens} per worker; "
+                             "raise --max-total-tokens or shorten the workload")
+
+
 def build_workloads(a: argparse.Namespace) -> list[workloads.BenchWorkload]:
     over: dict[str, dict[str, Any]] = {}
     for item in a.workload_arg:
@@ -109,7 +151,10 @@ def build_workloads(a: argparse.Namespace) -> list[workloads.BenchWorkload]:
     out = []
     for name in a.workload:
         base = "mooncake" if name.startswith("mooncake") else name
-        w = workloads.build(name, {**over.get(base, {}), **over.get(name, {})}, seed=a.seed)
+        kw = {**over.get(base, {}), **over.get(name, {})}
+        if base == "longdoc":
+            kw.setdefault("contexts", 2 * a.workers)
+        w = workloads.build(name, kw, seed=a.seed)
         if a.requests is not None:
             w.requests = w.requests[: a.requests]
         out.append(w)
@@ -133,12 +178,28 @@ def _banner(lines: list[str]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     a = parse_args(argv)
     wls = build_workloads(a)
-    plan = [(wl, rate) for wl in wls
-            for rate in (a.rates or [DEFAULT_RATES.get(wl.name.split("-")[0], 2.0)])]
-    for wl, rate in plan:
-        print(f"workload {json.dumps(wl.at_rate(rate).summary())}", flush=True)
-    print(f"configurations: {', '.join(a.configs)}; {len(plan) * len(a.configs)} runs of "
-          f"{a.workers} workers", flush=True)
+    check_fit(wls, a.max_total_tokens)
+    ladders = {wl.name: rate_steps(a, wl) for wl in wls}
+    for wl in wls:
+        print(f"workload {json.dumps(wl.at_rate(ladders[wl.name][0]).summary())}", flush=True)
+        if a.sweep:
+            print(f"sweep {wl.name}: rates {ladders[wl.name]} until the best configuration's "
+                  f"SLO attainment < {a.sweep_target:g}", flush=True)
+    n_runs = sum(len(x) for x in ladders.values()) * len(a.configs)
+    print(f"configurations: {', '.join(a.configs)}; {'up to ' if a.sweep else ''}{n_runs} runs "
+          f"of {a.workers} workers", flush=True)
+    mech = None
+    if a.cpu_quota is not None:
+        try:
+            cpuquota.quota_us(a.cpu_quota)
+            mech = cpuquota.detect()
+        except (ValueError, cpuquota.CpuQuotaError) as e:
+            raise SystemExit(str(e)) from None
+        print(f"CPU budget: {a.cpu_quota:g} cores per worker by {mech.describe()}; front end "
+              "and load generator outside", flush=True)
+        if mech.kind == "taskset":
+            _banner(["--cpu-quota: no writable cgroup; falling back to taskset CPU affinity "
+                     "(whole CPUs shared round robin, NOT a quota):", mech.note])
     if a.dry_run:
         return 0
     out = Path(a.out)
@@ -157,18 +218,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         extra_args=shlex.split(a.worker_args), tokenlake_args=shlex.split(a.tokenlake_args),
         router_args=shlex.split(a.router_args), rr_frontend=a.rr_frontend,
         startup_timeout=a.startup_timeout, request_timeout=a.request_timeout,
-        warmup_requests=a.warmup, calibration_requests=a.calibration)
+        warmup_requests=a.warmup, calibration_requests=a.calibration, cpu_quota=a.cpu_quota,
+        cpu_quota_mechanism=mech.kind if mech else "",
+        cpu_quota_root=str(mech.root or "") if mech else "")
     slo = report.SLO(a.slo_ttft, a.slo_tbt)
     _install_signals()
     t0 = time.monotonic()
     results: list[runner.ConfigResult] = []
+    plan: list[tuple[workloads.BenchWorkload, float]] = []  # what ran
     interrupted, error = False, ""
     try:
-        for wl, rate in plan:
-            run_wl = wl.at_rate(rate)
-            for name in a.configs:
-                results.append(_run_with_retries(name, settings, run_wl, log_root,
-                                                 a.no_progress, a.retries))
+        for wl in wls:
+            for rate in ladders[wl.name]:
+                run_wl = wl.at_rate(rate)
+                plan.append((wl, rate))
+                step = []
+                for name in a.configs:
+                    step.append(_run_with_retries(name, settings, run_wl, log_root,
+                                                  a.no_progress, a.retries))
+                    results.append(step[-1])
+                if a.sweep:
+                    best = sweep.best_attainment([report.summarize(r, slo) for r in step])
+                    print(f"sweep {wl.name} at {rate:g} req/s: best SLO attainment "
+                          f"{100 * best:.0f}%", flush=True)
+                    if best < a.sweep_target:
+                        print(f"sweep {wl.name}: saturated at {rate:g} req/s", flush=True)
+                        break
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping every process started", file=sys.stderr, flush=True)
@@ -191,13 +266,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             "workloads": [wl.at_rate(r).summary() for wl, r in plan],
             "host": {"machine": platform.machine(), "python": platform.python_version(),
                      "cpus": _cpus()},
+            "sweep": {"target_attainment": a.sweep_target, "factor": a.sweep_factor,
+                      "steps": a.sweep_steps, "max_rate": a.sweep_max_rate,
+                      "ladders": ladders} if a.sweep else None,
+            "cpu_quota": {"cores": a.cpu_quota, "mechanism": mech.describe(),
+                          "quota_us": cpuquota.quota_us(a.cpu_quota)
+                          if mech.kind != "taskset" else None,
+                          "period_us": cpuquota.PERIOD_US if mech.kind != "taskset" else None,
+                          "threads": cpuquota.threads_for(a.cpu_quota),
+                          "outside": ["front end", "load generator"]} if mech else None,
             "wall_s": round(time.monotonic() - t0, 1), "interrupted": interrupted,
             "error": error, "git": _git_state()}
     doc = report.write(out, meta, results, slo)
     if not a.no_plots:
         from sglang_tokenlake.bench import plots
 
-        plots.write_all(out, results, doc["summaries"])
+        plots.write_all(out, results, doc["summaries"], doc["sweep"])
     print((out / "bench.md").read_text(), flush=True)
     print(f"wrote {out}/bench.json, bench.md, requests.jsonl"
           + ("" if a.no_plots else " and PNG plots"), flush=True)

@@ -1,4 +1,14 @@
-"""Front ends of the configurations: the harness's proxy or the real sglang-router (PyPI).
+"""Front ends of the configurations: the real sglang-router (PyPI) or the harness's proxy.
+
+Every configuration that a router policy can express runs behind sglang-router
+0.3.2 itself: ``round_robin`` (stock and TokenLake), ``cache_aware`` (stock) and
+``power_of_two`` (TokenLake: two random workers, the less loaded one, where load
+is the router's own count of requests in flight to each worker: its load monitor
+gets nothing from SGLang 0.5.23 workers and logs "No loads fetched from workers").
+The harness's aiohttp proxy remains for one policy only:
+``least_load``, the fewest requests in flight over *all* workers, which the
+router has no policy for (its load-based policy compares two random workers).
+``--rr-frontend proxy`` puts round-robin behind the proxy too, as older runs did.
 
 Both run as their own process (own process group, log file), are ready once a
 tiny ``/generate`` goes through (the router answers 503 ``no_available_workers``
@@ -26,6 +36,7 @@ FRONTENDS = {
     "proxy-least_load": ("proxy", "least_load"),
     "router-round_robin": ("router", "round_robin"),
     "router-cache_aware": ("router", "cache_aware"),
+    "router-power_of_two": ("router", "power_of_two"),
 }
 
 

@@ -1,18 +1,20 @@
 """PNG plots of a harness run (matplotlib, Agg): summary bars, TTFT CDFs, per-worker load,
-and metrics against the request rate when several rates ran."""
+and, when several rates ran, metrics against the request rate and goodput against the rate
+(with the SLO attainment and, for a sweep, each configuration's peak marked)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from sglang_tokenlake.bench.runner import ConfigResult
 
 COLORS = {"stock-rr": "#9e9e9e", "stock-cache-aware": "#5c6bc0",
-          "tokenlake-rr": "#ef6c00", "tokenlake-least-load": "#2e7d32"}
+          "tokenlake-rr": "#ef6c00", "tokenlake-least-load": "#2e7d32",
+          "tokenlake-p2c": "#ad1457"}
 DPI = 80
 
 
@@ -110,8 +112,42 @@ def rate_sweep(ss: Sequence[dict[str, Any]], path: Path) -> None:
     _save(plt, fig, path)
 
 
+def goodput_vs_rate(ss: Sequence[dict[str, Any]], path: Path,
+                    sweep: Optional[dict[str, Any]] = None) -> None:
+    """Goodput (left) and SLO attainment (right) against the offered rate, per configuration."""
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = sorted({s["rate"] for s in ss})
+    ax.plot(rates, rates, ":", color="#bbb", label="offered rate")
+    for cfg in dict.fromkeys(s["config"] for s in ss):
+        pts = sorted((s["rate"], s.get("goodput_rps"), s.get("slo_attainment"))
+                     for s in ss if s["config"] == cfg)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=cfg, color=COLORS.get(cfg))
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=cfg,
+                 color=COLORS.get(cfg))
+    if sweep:
+        for r in sweep["configs"]:
+            if r["peak_goodput_rps"] is not None:
+                ax.plot([r["peak_rate"]], [r["peak_goodput_rps"]], "*", ms=12,
+                        color=COLORS.get(r["config"], "#888"))
+        ax2.axhline(sweep["target_attainment"], ls="--", color="#c62828", lw=1)
+        if sweep["nearest_rate"] is not None:
+            ax.axvline(sweep["nearest_rate"], ls="--", color="#999", lw=1)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("goodput (req/s meeting the SLO)")
+    ax2.set_xlabel("request rate (req/s)")
+    ax2.set_ylabel("SLO attainment")
+    ax2.set_ylim(0, 1.05)
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{ss[0]['workload']}: goodput vs rate", fontsize=11)
+    _save(plt, fig, path)
+
+
 def write_all(out_dir: Path, results: Sequence[ConfigResult],
-              summaries: Sequence[dict[str, Any]]) -> list[Path]:
+              summaries: Sequence[dict[str, Any]],
+              sweeps: Optional[Sequence[dict[str, Any]]] = None) -> list[Path]:
     """All plots of a run; returns the files written."""
     written: list[Path] = []
     groups: dict[tuple[str, float], list[int]] = {}
@@ -129,5 +165,7 @@ def write_all(out_dir: Path, results: Sequence[ConfigResult],
         ss = [s for s in summaries if s["workload"] == wl]
         if len({s["rate"] for s in ss}) > 1:
             rate_sweep(ss, out_dir / f"{wl}_rates.png")
-            written.append(out_dir / f"{wl}_rates.png")
+            sw = next((x for x in sweeps or [] if x["workload"] == wl), None)
+            goodput_vs_rate(ss, out_dir / f"{wl}_goodput.png", sw)
+            written += [out_dir / f"{wl}_rates.png", out_dir / f"{wl}_goodput.png"]
     return written

@@ -10,7 +10,11 @@ Definitions (also in docs/bench.md):
 * goodput = requests meeting the SLO (TTFT <= slo_ttft and TBT <= slo_tbt) / makespan;
 * load CV = population stdev / mean across workers of requests served, of tokens
   prefilled and of forward time (SGLang's ``run_batch`` seconds), from each worker's
-  ``/metrics`` over the measured phase.
+  ``/metrics`` over the measured phase;
+* with ``--cpu-quota``: per worker, the seconds its cgroup was throttled during the
+  replay (the budget was the bottleneck) and the share of CFS periods throttled;
+* with ``--sweep``: peak goodput per configuration and TTFT at half the reference's
+  peak (``sweep.analyze``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from sglang_tokenlake.bench import sweep
 from sglang_tokenlake.bench.runner import ConfigResult
 
 STOCK = ("stock-rr", "stock-cache-aware")
@@ -101,6 +106,13 @@ def summarize(res: ConfigResult, slo: SLO) -> dict[str, Any]:
         "busy_s_total": _r(sum(busy_w), 3),
         "startup_s": res.startup_s, "replay_s": res.replay_s,
     }
+    if res.cpu:
+        s["worker_cpu_throttled_s"] = [
+            round(x.get("throttled_time", 0) / 1e9 + x.get("throttled_usec", 0) / 1e6, 3)
+            for x in res.cpu]
+        s["worker_cpu_throttled_periods"] = [
+            _r(x["nr_throttled"] / x["nr_periods"]) if x.get("nr_periods") else None
+            for x in res.cpu]
     tl = [x for x in w if any(k.startswith("tl_") for k in x)]
     if tl:
         keys = sorted({k for x in tl for k in x if k.startswith("tl_") and k != "tl_hit_rate"})
@@ -177,8 +189,10 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 
 def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
              ratio_rows: Sequence[dict[str, Any]], mism: Sequence[dict[str, Any]],
-             fails: Sequence[dict[str, Any]]) -> str:
+             fails: Sequence[dict[str, Any]],
+             sweeps: Optional[Sequence[dict[str, Any]]] = None) -> str:
     slo = meta["slo"]
+    st = meta["settings"]
     L = [f"# Benchmark: TokenLake vs stock SGLang ({meta['settings']['workers']} workers)", "",
          f"Command: `{meta['command']}`", "",
          f"Model `{meta['settings']['model']}` ({meta['settings']['dtype']}), page size "
@@ -187,6 +201,12 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
          f"{meta['settings']['max_total_tokens']} per worker, device "
          f"{meta['settings']['device'] or 'auto'}. SLO: TTFT <= {slo['ttft_s']} s and mean TBT "
          f"<= {slo['tbt_s']} s. Wall time {meta.get('wall_s', 0):.0f} s.", ""]
+    if st.get("cpu_quota"):
+        L += [f"CPU budget: {st['cpu_quota']:g} cores per worker process tree "
+              f"({st.get('cpu_quota_mechanism') or '?'}"
+              + (", whole CPUs by affinity, not a quota" if st.get("cpu_quota_mechanism")
+                 == "taskset" else "") + "); the front end and the load generator run "
+              "outside every budget.", ""]
     if mism:
         L += [f"**TOKEN MISMATCH: {len(mism)} request(s) differ between configurations** "
               "(see `mismatches` in the JSON).", ""]
@@ -217,7 +237,9 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
             L.append(f"- {s['config']}: requests {s['worker_requests']}, prefilled "
                      f"{s['worker_prefill_tokens']}, cached {s['worker_cached_tokens']}"
                      + (f", TokenLake hit tokens {s['worker_tokenlake_hit_tokens']}"
-                        if "worker_tokenlake_hit_tokens" in s else ""))
+                        if "worker_tokenlake_hit_tokens" in s else "")
+                     + (f", CPU throttled s {s['worker_cpu_throttled_s']}"
+                        if "worker_cpu_throttled_s" in s else ""))
         rr = [r for r in ratio_rows if (r["wl"], r["rate"]) == (wl, rate)]
         if rr:
             L += ["", "Ratios TokenLake / stock (hit rate and throughput: higher is better; "
@@ -239,6 +261,8 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
                   f"E2E {c['e2e_miss_s']:.3f} s = **{100 * c['prefill_share_uncached']:.0f}%**; "
                   f"with the prefix cached TTFT is {c['ttft_hit_s']:.3f} s."]
         L.append("")
+    if sweeps:
+        L += sweep.markdown(sweeps)
     if mism:
         L += ["## Mismatches", "", "| workload | rid | reference | config | first diff |",
               "| --- | --- | --- | --- | ---: |"]
@@ -263,10 +287,13 @@ def write(out_dir: Path, meta: dict[str, Any], results: Sequence[ConfigResult], 
     doc = {"meta": {**meta, "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}},
            "summaries": summaries, "ratios": ratio_rows, "mismatches": mism,
            "failures": fails[:200], "failed_requests": len(fails),
+           "sweep": sweep.analyze(summaries, meta["sweep"]["target_attainment"])
+           if meta.get("sweep") else None,
            "calibration": [{"config": r.config, "workload": r.workload, "rate": r.rate,
                             "samples": r.calibration} for r in results]}
     (out_dir / "bench.json").write_text(json.dumps(doc, indent=1))
-    (out_dir / "bench.md").write_text(markdown(doc["meta"], summaries, ratio_rows, mism, fails))
+    (out_dir / "bench.md").write_text(markdown(doc["meta"], summaries, ratio_rows, mism, fails,
+                                               doc["sweep"]))
     with (out_dir / "requests.jsonl").open("w") as f:
         for res in results:
             for r in res.records:

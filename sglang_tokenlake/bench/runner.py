@@ -3,10 +3,16 @@
 Every process started here is registered in ``LIVE`` and stopped in a ``finally``
 (Ctrl-C and errors included); ``stop_all()`` is also the harness's signal/atexit
 hook. Workers of one configuration are stopped before the next one starts.
+With ``ClusterSettings.cpu_quota`` every worker's process tree runs inside its own
+CPU budget (``cpuquota``): the cgroup is created before the worker starts, its quota
+applied once the workers are ready (before warm-up, calibration and the replay), and
+it is removed after the worker stopped; the front end and the load generator stay
+outside.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -18,7 +24,7 @@ from typing import Any, Optional
 
 import requests
 
-from sglang_tokenlake.bench import counters
+from sglang_tokenlake.bench import counters, cpuquota
 from sglang_tokenlake.bench.frontends import Frontend
 from sglang_tokenlake.bench.load import RequestRecord, run_one, run_replay
 from sglang_tokenlake.bench.workloads import BenchWorkload
@@ -35,11 +41,23 @@ class Config:
 
 
 CONFIGS: dict[str, Config] = {
-    "stock-rr": Config("stock-rr", "radix", "proxy-round_robin"),
+    "stock-rr": Config("stock-rr", "radix", "router-round_robin"),
     "stock-cache-aware": Config("stock-cache-aware", "radix", "router-cache_aware"),
-    "tokenlake-rr": Config("tokenlake-rr", "tokenlake", "proxy-round_robin"),
+    "tokenlake-rr": Config("tokenlake-rr", "tokenlake", "router-round_robin"),
+    "tokenlake-p2c": Config("tokenlake-p2c", "tokenlake", "router-power_of_two"),
+    # sglang-router has no fewest-in-flight policy: the harness's proxy serves this one.
     "tokenlake-least-load": Config("tokenlake-least-load", "tokenlake", "proxy-least_load"),
 }
+
+
+@dataclass
+class BudgetedWorkerSpec(WorkerSpec):
+    """A worker started through ``launcher`` (joins its CPU budget, then execs the server)."""
+
+    launcher: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        return [*self.launcher, *super().argv()]
 
 
 @dataclass
@@ -56,8 +74,13 @@ class ClusterSettings:
     extra_args: list[str] = field(default_factory=list)
     tokenlake_args: list[str] = field(default_factory=list)
     router_args: list[str] = field(default_factory=list)
-    rr_frontend: str = "proxy"
-    """``proxy`` (the harness's) or ``router`` (sglang-router --policy round_robin)."""
+    rr_frontend: str = "router"
+    """``router`` (sglang-router --policy round_robin) or ``proxy`` (the harness's)."""
+    cpu_quota: Optional[float] = None
+    """Cores of CPU time per worker (a cgroup quota per worker process tree); None: no budget."""
+    cpu_quota_mechanism: str = ""
+    """``cgroup-v1``, ``cgroup-v2`` or ``taskset`` (``cpuquota.detect``; filled in when empty)."""
+    cpu_quota_root: str = ""
     startup_timeout: float = 300.0
     request_timeout: float = 600.0
     warmup_requests: int = 4
@@ -79,6 +102,8 @@ class ConfigResult:
     startup_s: float
     replay_s: float
     log_dir: str
+    cpu: list[dict[str, Any]] = field(default_factory=list)
+    """Per worker: its CPU budget and the cgroup's ``cpu.stat`` after the replay."""
 
 
 class WorkerLost(RuntimeError):
@@ -152,21 +177,50 @@ def stop_all() -> None:
 
 
 def _frontend_kind(cfg: Config, s: ClusterSettings) -> str:
-    if cfg.frontend == "proxy-round_robin" and s.rr_frontend == "router":
-        return "router-round_robin"
+    if cfg.frontend == "router-round_robin" and s.rr_frontend == "proxy":
+        return "proxy-round_robin"
     return cfg.frontend
 
 
-def worker_specs(cfg: Config, s: ClusterSettings, log_env: Optional[dict[str, str]] = None
+def cpu_mechanism(s: ClusterSettings) -> cpuquota.Mechanism:
+    """The CPU-budget mechanism of ``s`` (detected once, then kept in ``s``)."""
+    if not s.cpu_quota_mechanism:
+        m = cpuquota.detect()
+        s.cpu_quota_mechanism, s.cpu_quota_root = m.kind, str(m.root or "")
+        return m
+    return cpuquota.Mechanism(s.cpu_quota_mechanism,
+                              Path(s.cpu_quota_root) if s.cpu_quota_root else None)
+
+
+def cpu_budgets(s: ClusterSettings, ports: Sequence[int]) -> list[cpuquota.CpuBudget]:
+    """One budget per worker (none without ``cpu_quota``); named after this process and port."""
+    if s.cpu_quota is None:
+        return []
+    return cpuquota.budgets(cpu_mechanism(s), s.cpu_quota,
+                            [f"tokenlake-bench-{os.getpid()}-{p}" for p in ports])
+
+
+def worker_specs(cfg: Config, s: ClusterSettings, log_env: Optional[dict[str, str]] = None,
+                 budgets: Sequence[cpuquota.CpuBudget] = (), pool: Optional[PoolSpec] = None
                  ) -> list[WorkerSpec]:
-    pool = PoolSpec.pick(s.workers)
+    """The workers of one configuration (on ``pool``'s ports, or free ones); with
+    ``budgets`` (one per worker) each starts inside its own and gets threads to match."""
+    pool = pool or PoolSpec.pick(s.workers)
+    if budgets and len(budgets) != len(pool.ports):
+        raise ValueError(f"{len(budgets)} CPU budgets for {len(pool.ports)} workers")
     args = ["--enable-metrics", *s.extra_args]
     if cfg.backend == "tokenlake":
         args += [*pool.peer_args(), *s.tokenlake_args]
-    return [WorkerSpec(s.model, p, cfg.backend, page_size=s.page_size,
-                       segment_size=s.segment_size if cfg.backend == "tokenlake" else None,
-                       max_total_tokens=s.max_total_tokens, dtype=s.dtype, device=s.device,
-                       extra_args=list(args), env=dict(log_env or {})) for p in pool.ports]
+    specs = []
+    for i, p in enumerate(pool.ports):
+        b = budgets[i] if budgets else None
+        specs.append(BudgetedWorkerSpec(
+            s.model, p, cfg.backend, page_size=s.page_size,
+            segment_size=s.segment_size if cfg.backend == "tokenlake" else None,
+            max_total_tokens=s.max_total_tokens, dtype=s.dtype, device=s.device,
+            extra_args=list(args), env={**(b.env() if b else {}), **(log_env or {})},
+            launcher=b.launcher() if b else []))
+    return specs
 
 
 def warm_up(workers: Sequence[Worker], n: int, seed: int = 12345) -> None:
@@ -223,12 +277,17 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
     for old in log_dir.glob("*.log"):  # an earlier attempt's logs: kept aside, not mixed in
         old.replace(old.with_name(old.name + ".prev"))
     t0 = time.monotonic()
-    specs = worker_specs(cfg, s)
-    say(f"[{cfg.name}] starting {len(specs)} workers (--cache-backend {cfg.backend}); "
-        f"logs in {log_dir}")
+    pool = PoolSpec.pick(s.workers)
+    budgets = cpu_budgets(s, pool.ports)
+    specs = worker_specs(cfg, s, budgets=budgets, pool=pool)
+    say(f"[{cfg.name}] starting {len(specs)} workers (--cache-backend {cfg.backend}"
+        + (f", {s.cpu_quota:g} cores each by {budgets[0].mech.kind}" if budgets else "")
+        + f"); logs in {log_dir}")
     workers: list[Worker] = []
     frontend: Optional[Frontend] = None
     try:
+        for b in budgets:
+            LIVE.add(b.create(limit=False))
         try:
             workers = start_workers(specs, str(log_dir), timeout=s.startup_timeout)
         except RuntimeError as e:
@@ -240,6 +299,8 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
             LIVE.add(w)
         if cfg.backend == "tokenlake":
             wait_pool(workers)
+        for b in budgets:
+            b.apply()
         kind = _frontend_kind(cfg, s)
         extra = s.router_args if kind.startswith("router") else []
         frontend = Frontend(kind, [w.url for w in workers], log_dir, extra,
@@ -256,6 +317,7 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
         urls = [w.url for w in workers]
         before = counters.snapshot(urls, brokers)
         fe_before = frontend.stats()
+        cpu_before = [b.stats() for b in budgets]
         if on_replay is not None:
             on_replay()
         t1 = time.monotonic()
@@ -265,6 +327,8 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
         except RuntimeError as e:
             raise WorkerLost(str(e)) from e
         replay_s = time.monotonic() - t1
+        cpu = [{**b.record(), **{k: v - c0.get(k, 0) for k, v in b.stats().items()}}
+               for b, c0 in zip(budgets, cpu_before)]
         after = counters.snapshot(urls, brokers)
         fe_after = frontend.stats()
         per_worker = [{"url": u, **d} for u, d in zip(urls, counters.diff(after, before))]
@@ -277,7 +341,8 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
             raise WorkerLost(lost)
         return ConfigResult(cfg.name, cfg.backend, kind, workload.name,
                             float(workload.params.get("rate", 0.0)), records, per_worker, calib,
-                            fe_stats, round(startup_s, 2), round(replay_s, 2), str(log_dir))
+                            fe_stats, round(startup_s, 2), round(replay_s, 2), str(log_dir),
+                            cpu)
     except BaseException as e:
         if workers and not isinstance(e, KeyboardInterrupt):
             for w in workers:
@@ -293,3 +358,7 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
             w.stop()
             if w in LIVE.items:
                 LIVE.items.remove(w)
+        for b in budgets:  # after the workers: a cgroup goes once its processes are gone
+            b.remove()
+            if b in LIVE.items:
+                LIVE.items.remove(b)

@@ -8,6 +8,10 @@ Shapes (sized for a CPU run by default; scale them up with the flags on a GPU):
 
 ``docs``      shared long documents, many questions each (LooGLE-like): prompt =
               document + a fresh question, documents Zipf-popular, Poisson arrivals.
+``longdoc``   the LooGLE regime scaled to a small host: about twice as many long shared
+              contexts (3-6K tokens) as workers, Zipf-popular, short questions and
+              answers, so each worker's KV (``--max-total-tokens 8192``) holds only
+              one or two contexts and placement decides the hit rate.
 ``chat``      multi-turn sessions over a shared context with growing history
               (SCBench-like): turn ``t`` = previous prompt + the previous *answer as
               generated* + a new question; sent ``think`` seconds after that answer.
@@ -122,6 +126,46 @@ def docs(requests: int = 240, documents: int = 20, doc_tokens: int = 1536,
                                            output_tokens=output_tokens, seed=seed))
 
 
+LONGDOC_MAX_TOTAL_TOKENS = 8192
+"""Suggested per-worker ``--max-total-tokens`` for ``longdoc``: one or two contexts, and
+more than the longest prompt + answer (SGLang rejects a request that cannot fit)."""
+
+
+def longdoc(requests: int = 200, contexts: int = 8, context_min_tokens: int = 3072,
+            context_max_tokens: int = 6144, question_min_tokens: int = 16,
+            question_max_tokens: int = 32, output_tokens: int = 16, zipf_a: float = 1.0,
+            vocab: int = 1024, seed: int = 0) -> BenchWorkload:
+    """Long shared contexts, short questions and answers (LooGLE's regime, scaled down).
+
+    ``contexts`` contexts (the harness defaults it to twice ``--workers``) of uniformly
+    ``context_min_tokens..context_max_tokens`` tokens, Zipf(``zipf_a``)-popular; each
+    request is a context + a fresh question of ``question_min..max_tokens`` and asks
+    for ``output_tokens`` tokens; Poisson arrivals. With ``--max-total-tokens
+    8192`` (``LONGDOC_MAX_TOTAL_TOKENS``) a worker holds one or two contexts, so the
+    working set is several times what one worker can cache: prefill of a 3-6K context
+    dominates a request and the hit rate is what the cache layout earns.
+    """
+    if not 0 < context_min_tokens <= context_max_tokens:
+        raise ValueError("longdoc wants 0 < context_min_tokens <= context_max_tokens")
+    if not 0 < question_min_tokens <= question_max_tokens:
+        raise ValueError("longdoc wants 0 < question_min_tokens <= question_max_tokens")
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(context_min_tokens, context_max_tokens + 1, size=contexts).tolist()
+    texts = [_tokens(rng, n, vocab) for n in lens]
+    pick = rng.choice(contexts, size=requests, p=zipf_weights(contexts, zipf_a))
+    t, out = 0.0, []
+    for i, d in enumerate(pick):
+        t += rng.exponential(1.0)
+        q = int(rng.integers(question_min_tokens, question_max_tokens + 1))
+        out.append(BenchRequest(f"longdoc-{i}", t, tuple(texts[d] + _tokens(rng, q, vocab)),
+                                output_tokens, group=f"ctx{d}"))
+    return BenchWorkload("longdoc", out, dict(
+        contexts=contexts, context_tokens=[int(n) for n in lens], unique_context_tokens=sum(lens),
+        zipf_a=zipf_a, question_tokens=[question_min_tokens, question_max_tokens],
+        output_tokens=output_tokens, suggested_max_total_tokens=LONGDOC_MAX_TOTAL_TOKENS,
+        seed=seed))
+
+
 def chat(sessions: int = 40, contexts: int = 8, context_tokens: int = 1024, turns: int = 4,
          question_tokens: int = 48, output_tokens: int = 32, think_s: float = 1.0,
          vocab: int = 1024, seed: int = 0) -> BenchWorkload:
@@ -217,13 +261,14 @@ def mooncake(trace: str = "conversation", requests: int = 200, block_tokens: int
 
 
 GENERATORS: dict[str, Callable[..., BenchWorkload]] = {
-    "docs": docs, "chat": chat, "gsp": gsp, "mooncake": mooncake,
+    "docs": docs, "longdoc": longdoc, "chat": chat, "gsp": gsp, "mooncake": mooncake,
 }
 
 
 def build(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0,
           vocab: int = 1024) -> BenchWorkload:
-    """A workload by name (``docs``, ``chat``, ``gsp``, ``mooncake``, ``mooncake-synthetic``)."""
+    """A workload by name (``docs``, ``longdoc``, ``chat``, ``gsp``, ``mooncake``,
+    ``mooncake-synthetic``)."""
     kw: dict[str, Any] = dict(overrides or {})
     if name.startswith("mooncake-"):
         kw.setdefault("trace", name.removeprefix("mooncake-"))

@@ -43,11 +43,15 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 from sglang_tokenlake.config import TokenLakeConfig
+from sglang_tokenlake.counters import Counters
 from sglang_tokenlake.dispatch import Costs
 from sglang_tokenlake.hotness import HotView, merge_shares, top_view
 from sglang_tokenlake.membership import Membership, MembershipEvents
 from sglang_tokenlake.policy import PoolPolicy
-from sglang_tokenlake.pool.index import MAX_CHAIN, IndexSync, int_list
+from sglang_tokenlake.pool.calibration import Calibration
+from sglang_tokenlake.pool.identity import Identities
+from sglang_tokenlake.pool.index import IndexSync, int_list
+from sglang_tokenlake.pool.limits import hello_members, valid_member_id
 from sglang_tokenlake.pool.remote import RemoteAttention
 from sglang_tokenlake.pool.surfaces import CacheHost
 from sglang_tokenlake.pool.transfers import Transfers
@@ -77,11 +81,13 @@ class PoolLink:
         self.config = config
         self.S = host.segment_size
         self.self_id = self_id
-        self.counters: defaultdict[str, int] = defaultdict(int)
+        self.counters = Counters()
+        self.identities = Identities(curve, self.counters)  # 'from' bound to CURVE keys
         self.boot = uuid.uuid4().hex[:12]
-        self.costs = Costs()
+        self.calibration = Calibration(Costs(), prefill_s_per_token=config.prefill_cost,
+                                       rtt_s=config.link_rtt, bandwidth_Bps=config.link_bandwidth)
         self.policy = PoolPolicy(config.policy(), self.S, {self_id: float(host.capacity_tokens())},
-                                 costs=self.costs)
+                                 costs=self.calibration.costs())
         self.hot = config.policy().heavy_hitters()
         self.agent = agent if agent is not None else PeerAgent(
             curve=curve, heartbeat_interval=config.heartbeat_interval, on_tick=self._tick,
@@ -89,10 +95,12 @@ class PoolLink:
         self.index = IndexSync(host, self.agent, self_id, self.alive, self.known_sender,
                                self.counters, config.peer_timeout)
         self.transfers = Transfers(host, self, self.policy, self.index, self.agent, config,
-                                   self.counters, self.known_sender)
+                                   self.counters, self.known_sender, self.calibration)
         self.layout = self.transfers.layout
-        self.remote = RemoteAttention(host, self, self.agent, config.query_timeout, self.counters)
+        self.remote = RemoteAttention(host, self, self.agent, config.query_timeout, self.counters,
+                                      config.lease_ttl)
         self.transfers.remote = self.remote
+        self.remote.calibration = self.calibration
         self.membership = Membership(self_id, host.capacity_tokens(), self.boot,
                                      self.layout.fingerprint, peer_timeout=config.peer_timeout)
         self._membership_version = -1
@@ -105,6 +113,7 @@ class PoolLink:
         self._requests = 0  # requests observed here
         self._planned_at = 0  # pool-wide requests at the last replica plan
         self._next_beacon = 0.0
+        self._next_lease_check = 0.0
         self._clock_marks: deque[tuple[int, float]] = deque(maxlen=4096)  # (tree clock, time)
         for peer in config.peer_list():
             if peer != self_id:
@@ -132,14 +141,6 @@ class PoolLink:
         if until is not None and time.monotonic() < until:
             return False
         return self.membership.is_alive(owner)
-
-    @property
-    def ship_ok(self) -> bool:
-        return self.transfers.ship_ok
-
-    @ship_ok.setter
-    def ship_ok(self, ok: bool) -> None:
-        self.transfers.ship_ok = ok
 
     # -- policy inputs -----------------------------------------------------------------
 
@@ -248,8 +249,8 @@ class PoolLink:
 
     # -- scheduler thread: events from the cache --------------------------------------
 
-    def on_inserted(self, keys: list[int], out: InsertOutcome) -> None:
-        """After the cache inserted a chain: designate, announce, put copies to their homes."""
+    def on_inserted(self, keys: list[int], out: InsertOutcome, seed: Optional[int] = None) -> None:
+        """After the cache inserted a chain (``seed``: its namespace seed): designate, announce, put."""
         held: list[int] = []
         puts: dict[str, list[int]] = defaultdict(list)
         alone = len(self.alive()) == 1
@@ -275,7 +276,7 @@ class PoolLink:
         if held:
             self.index.announce(list(keys[: held[-1] + 1]), held)
         for home, idxs in puts.items():
-            self.transfers._put(home, keys, out.path, idxs)
+            self.transfers._put(home, keys, out.path, idxs, seed=seed)
 
     def on_evicted(self, nodes: list[SegmentNode]) -> None:
         self.index.retract([n.key for n in nodes if n.designated])
@@ -287,7 +288,28 @@ class PoolLink:
 
     # -- scheduler thread: periodic work ----------------------------------------------
 
+    def before_free(self) -> None:
+        """Before anything frees slots (eviction, drops): pin the leases granted since."""
+        self.remote.leases.pin()
+
+    def on_flush(self) -> None:
+        """The cache was flushed (its tree replaced, every slot freed; scheduler thread).
+
+        Leases end (requesters' next queries are refused and their requests start
+        over), pending work on old nodes is dropped, and what peers hold is synced
+        again: the new tree knows nothing.
+        """
+        self.remote.end_all()
+        self.transfers.reset()
+        self.index.reset()
+        self.counters.add("flushes")
+        for peer in self.alive():
+            if peer != self.self_id:
+                self.index.forget_peer(peer)
+                self.index.request_sync(peer)
+
     def poll(self) -> None:
+        self.remote.leases.pin()
         now = time.monotonic()
         tick = self.tree.clock
         if not self._clock_marks or (tick != self._clock_marks[-1][0]
@@ -304,6 +326,14 @@ class PoolLink:
         if self.transfers.drop:
             self.transfers.sweep_transient()
         self.transfers.expire_pulls(now)
+        if now >= self._next_lease_check:
+            self._next_lease_check = now + 1.0
+            self.remote.leases.expire()
+            # Requests dropped without a release (aborted while waiting): their
+            # decisions go, their leases are released.
+            self.transfers.sweep_requests()
+            self.remote.plans.sweep()
+        self.remote.releases.poll()
 
     def _refresh_beacon(self) -> None:
         keys, counts = [], []
@@ -311,15 +341,16 @@ class PoolLink:
         for k, c in view.items():
             keys.append(k)
             counts.append(c)
-        load = self.host.queued_tokens() * self.costs.recompute_s_per_token
+        load = self.host.queued_tokens() * self.calibration.prefill_s_per_token()
         self._beacon = {"horizon": self.horizon(), "load": load, "hot": [keys, counts],
                         "observed": observed, "requests": self._requests}
 
     def on_membership(self, ev: MembershipEvents) -> None:
         for peer in ev.left + ev.restarted:
-            self.remote.drop_peer_leases(peer)
+            self.remote.leases.drop_peer(peer)
             self._peer_state.pop(peer, None)
-            n = self.tree.drop_owner(peer)
+            self.calibration.forget(peer)
+            n = self.index.drop_peer(peer)
             logger.info("TokenLake: %s left the pool (%d segments forgotten)", peer, n)
         # Homes moved: re-designate local copies; announce what became ours.
         self.alive()
@@ -340,34 +371,44 @@ class PoolLink:
 
     def _tick(self) -> None:
         header = self.hello_header()
+        sent = time.monotonic()
         for peer in self.membership.known():
             fut = self.agent.request(peer, "hello", header, timeout=self.config.peer_timeout)
-            fut.add_done_callback(self._hello_reply)
+            fut.add_done_callback(lambda f, p=peer: self._hello_reply(f, p, sent))
         ev = self.membership.expire()
         if ev:
             self.host.submit(lambda: self.on_membership(ev))
 
-    def _hello_reply(self, fut: Future) -> None:
+    def _hello_reply(self, fut: Future, peer: str, sent: float) -> None:
         if fut.exception() is not None:
             return
-        self._seen(fut.result().header)
+        self.calibration.observe_rtt(peer, time.monotonic() - sent)
+        self._seen(fut.result().header, asked=peer)
 
-    def _seen(self, h: dict[str, Any]) -> None:
-        peer = h.get("from")
-        if not isinstance(peer, str):
+    def _seen(self, h: dict[str, Any], asked: Optional[str] = None) -> None:
+        peer = h.get("from")  # a heartbeat's answer must come from the member asked
+        if not valid_member_id(peer) or (asked is not None and peer != asked):
+            self.counters.add("refused_hello")
             return
         try:
-            ev = self.membership.seen(peer, int(h.get("capacity", 0)), str(h.get("boot", "")),
+            ev = self.membership.seen(peer, int(h.get("capacity", 0)), str(h.get("boot", ""))[:64],
                                       h.get("layout"))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
+            self.counters.add("refused_hello")
             logger.error("TokenLake: refusing %s", e)
             return
         state = _beacon_of(h, self.hot.k)
         if state is not None:
             self._peer_state[peer] = state
-        for m in h.get("members", []) or []:
-            if isinstance(m, str) and m != self.self_id and m not in self.membership.known():
-                self.membership.add_seed(m)
+        members = hello_members(h.get("members"), self.counters)
+        known = set(self.membership.known())
+        for m in members:
+            if (valid_member_id(m) and m != self.self_id and m not in known
+                    and self.identities.may_join(m)):
+                if not self.membership.add_seed(m):
+                    self.counters.add("refused_members")
+                    break
+                known.add(m)
                 self.agent.connect(m, m)
         if ev:
             self.host.submit(lambda: self.on_membership(ev))
@@ -375,46 +416,14 @@ class PoolLink:
     # -- broker thread: handlers --------------------------------------------------------
 
     def handlers(self) -> dict[str, Callable[[Request], None]]:
-        return {"hello": self._on_hello, "lease": self._on_lease, "unlease": self._on_unlease,
-                "attend": self._on_attend, "get": self.transfers.on_get,
-                "put": self.transfers.on_put, **self.index.handlers()}
-
-    def _on_lease(self, req: Request) -> None:
-        peer = self.known_sender(req)
-        if peer is None:
-            return
-        lease, keys = req.msg.header.get("lease"), req.msg.header.get("keys")
-        if not isinstance(lease, str) or not int_list(keys) or len(keys) > MAX_CHAIN:
-            self.counters["malformed"] += 1
-            req.error("lease: needs a lease id and a list of keys")
-            return
-
-        def job() -> None:
-            ok = self.remote.grant_lease(peer, lease, keys)
-            self.counters["leases_granted" if ok else "leases_refused"] += 1
-            req.reply("lease", {"ok": ok})
-
-        self.host.submit(job)
-
-    def _on_unlease(self, req: Request) -> None:
-        lease = req.msg.header.get("lease")
-        if not isinstance(lease, str):
-            self.counters["malformed"] += 1
-            req.error("unlease: needs a lease id")
-            return
-        self.host.submit(lambda: self.remote.drop_lease(lease))
-        req.reply("ok")
-
-    def _on_attend(self, req: Request) -> None:
-        if self.known_sender(req) is None:
-            return
-        with self.host.slot_mutex:
-            self.remote.serve_attend(req)
+        return self.identities.guard({  # with CURVE: 'from' must match the key
+            "hello": self._on_hello, "get": self.transfers.on_get, "put": self.transfers.on_put,
+            **self.remote.handlers(self.known_sender), **self.index.handlers()})
 
     def known_sender(self, req: Request) -> Optional[str]:
         peer = req.msg.header.get("from")
         if not isinstance(peer, str) or not self.membership.is_alive(peer):
-            self.counters["refused_unknown_peer"] += 1
+            self.counters.add("refused_unknown_peer")
             req.error(f"unknown peer {peer!r}: send hello first")
             return None
         return peer
@@ -426,7 +435,8 @@ class PoolLink:
         if isinstance(peer, str) and self.membership.is_alive(peer):
             # Queued after the events this peer sent before the heartbeat, so a
             # gap here is real: some event was refused or lost.
-            self.host.submit(lambda: self.index.check_seq(peer, seq))
+            # Skipped when the scheduler is backed up: the next heartbeat checks again.
+            self.index.jobs.submit(lambda: self.index.check_seq(peer, seq))
         req.reply("hello", self.hello_header())
 
     # -- status --------------------------------------------------------------------------
@@ -448,6 +458,10 @@ class PoolLink:
             "designated_segments": designated,
             "transient_segments": self.tree.local_nodes - designated,
             "remote_segments_by_owner": dict(by_owner),
+            "calibration": self.calibration.snapshot(),
+            "leases": {"granted_to": self.remote.leases.by_peer(),
+                       "held_at": self.remote.held_at(),
+                       "unleases_waiting": len(self.remote.releases.waiting)},
             "counters": {**self.counters, **{f"agent_{k}": v for k, v in self.agent.counters.items()}},
             "pid": os.getpid(),
         }

@@ -15,11 +15,13 @@ replaced by the merge of (FlashInfer convention, LSE base 2):
 * one partial per owner: the owner attends the same queries to its segments
   (``attend`` message) and returns (output, LSE).
 
-Requests without a plan keep the backend's own result untouched. An owner that
-fails or does not answer within ``--tokenlake-query-timeout`` marks the request
-failed: the rest of the forward pass skips its remote work, and after the pass
-the request is retracted (its token is never committed) and re-admitted, so it
-recomputes or pulls instead. Never a wrong token.
+Requests without a plan keep the backend's own result untouched. Queries leave
+for the owners before the local partial is computed, so both overlap. The waits
+of one forward pass on its owners add up to at most ``--tokenlake-query-timeout``
+(a budget per pass, not per layer); an owner that fails or does not answer
+within what is left marks the request failed: the rest of the forward pass skips
+its remote work, and after the pass the request is retracted (its token is never
+committed) and re-admitted, so it recomputes or pulls instead. Never a wrong token.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -36,6 +39,11 @@ import numpy as np
 import torch
 
 from sglang_tokenlake.attention import merge_states, partial_attention
+from sglang_tokenlake.counters import Counters
+from sglang_tokenlake.pool.calibration import Calibration
+from sglang_tokenlake.pool.leases import DIGEST_BYTES, LeaseTable, Releases
+from sglang_tokenlake.pool.limits import check_keys
+from sglang_tokenlake.pool.requests import RequestTable
 from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.transport.peers import PeerAgent
 
@@ -49,6 +57,7 @@ class RemotePlan:
     lease: str
     segment_size: int
     owners: dict[str, list[tuple[int, int]]]  # owner -> [(segment index, key)]
+    digests: dict[int, bytes] = field(default_factory=dict)  # key -> token digest
     failed: bool = False
     remote_positions: Optional[torch.Tensor] = None  # bool mask cache, grown on demand
     _local_cache: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -81,10 +90,11 @@ class RemoteAttention:
         agent: requests to peers.
         query_timeout: seconds an owner may take to answer one layer's queries.
         counters: the pool's counters.
+        lease_ttl: seconds a lease granted here lives without a query under it.
     """
 
     def __init__(self, host: CacheHost, view: PoolView, agent: PeerAgent, query_timeout: float,
-                 counters: defaultdict[str, int]) -> None:
+                 counters: Counters, lease_ttl: float = 60.0) -> None:
         self.host = host
         self.view = view
         self.agent = agent
@@ -92,24 +102,29 @@ class RemoteAttention:
         self.S = host.segment_size
         self.query_timeout = query_timeout
         self.kvcache = host.kv_store()
-        self.plans: dict[int, RemotePlan] = {}  # id(req) -> plan
+        self.plans: RequestTable[RemotePlan] = RequestTable(self.release)  # req -> plan
         self.active: dict[int, tuple[Any, RemotePlan]] = {}  # req_pool_idx -> (req, plan)
-        self.leases: dict[str, tuple[str, list[Any]]] = {}  # lease id -> (peer, locked nodes)
+        self.leases = LeaseTable(self.tree, lease_ttl, counters)  # granted here
+        self.releases = Releases(self._send_unlease, self.view.usable, host.submit, counters)
         self.pending_retract: list[tuple[Any, Any]] = []  # (batch, req) after a failed pass
         self.hooked = 0  # attention-hook calls in the current forward pass
+        self.wait_budget = query_timeout  # seconds the current pass may still wait on owners
+        self.calibration: Optional[Calibration] = None  # measures served attention (set by the link)
         self.counters = counters
 
     # -- requester: plans ------------------------------------------------------------
 
-    def new_plan(self, owners: dict[str, list[tuple[int, int]]]) -> RemotePlan:
-        return RemotePlan(uuid.uuid4().hex, self.S, owners)
+    def new_plan(self, owners: dict[str, list[tuple[int, int]]],
+                 digests: dict[int, bytes]) -> RemotePlan:
+        return RemotePlan(uuid.uuid4().hex, self.S, owners, digests)
 
     def lease(self, plan: RemotePlan, deadline: float) -> bool:
         """Pin the plan's segments at their owners; all or nothing."""
         futs = {
             owner: self.agent.request(
                 owner, "lease", {"from": self.view.self_id, "lease": plan.lease,
-                                 "keys": [k for _, k in segs]},
+                                 "keys": [k for _, k in segs],
+                                 "digests": [plan.digests[k] for _, k in segs]},
                 timeout=max(0.05, deadline - time.monotonic()))
             for owner, segs in plan.owners.items()
         }
@@ -117,41 +132,68 @@ class RemoteAttention:
         for owner, fut in futs.items():
             try:
                 msg = fut.result(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
-                ok &= bool(msg.header.get("ok"))
+                if not msg.header.get("ok"):
+                    logger.info("TokenLake: %s refused a lease (%s)", owner,
+                                msg.header.get("reason"))
+                    ok = False
             except Exception as e:
                 logger.info("TokenLake: lease at %s failed (%s)", owner, e)
                 ok = False
         if not ok:
             self.release(plan)
-            self.counters["lease_failures"] += 1
+            self.counters.add("lease_failures")
         return ok
 
     def release(self, plan: RemotePlan) -> None:
         for owner in plan.owners:
-            self.agent.request(owner, "unlease", {"from": self.view.self_id, "lease": plan.lease},
-                               timeout=5.0)
+            self.releases.release(owner, plan.lease)
+
+    def _send_unlease(self, owner: str, lease: str) -> Future:
+        return self.agent.request(owner, "unlease", {"from": self.view.self_id, "lease": lease},
+                                  timeout=5.0)
 
     def attach(self, req: Any, plan: RemotePlan) -> None:
-        self.plans[id(req)] = plan
-        self.counters["ship_requests"] += 1
+        old = self.plans.get(req)
+        if old is not None and old is not plan:
+            self.release(old)  # re-admitted (after a retraction) with a new plan
+        self.plans.set(req, plan)
+        self.counters.add("ship_requests")
+
+    def end_all(self) -> None:
+        """The cache was flushed: end the leases granted here, release those held elsewhere."""
+        self.leases.end_all()
+        for plan in self.plans.values():
+            self.release(plan)
+        self.plans.clear()
+        self.active = {}
+        self.pending_retract = []
+
+    def held_at(self) -> dict[str, int]:
+        """Leases this worker's requests hold, per owner."""
+        out: dict[str, int] = defaultdict(int)
+        for plan in self.plans.values():
+            for owner in plan.owners:
+                out[owner] += 1
+        return dict(out)
 
     def detach(self, req: Any) -> None:
-        plan = self.plans.pop(id(req), None)
+        plan = self.plans.pop(req)
         if plan is not None:
             self.release(plan)
 
     def plan_of(self, req: Any) -> Optional[RemotePlan]:
-        return self.plans.get(id(req))
+        return self.plans.get(req)
 
     # -- requester: forward passes -----------------------------------------------------
 
     def begin_forward(self, batch: Any) -> None:
         self.active = {}
         self.hooked = 0
+        self.wait_budget = self.query_timeout
         if not self.plans or batch is None:
             return
         for req in getattr(batch, "reqs", ()) or ():
-            plan = self.plans.get(id(req))
+            plan = self.plans.get(req)
             if plan is not None and req.kv.req_pool_idx is not None:
                 self.active[int(req.kv.req_pool_idx)] = (req, plan)
 
@@ -160,7 +202,7 @@ class RemoteAttention:
             # The pass never reached the attention hook (a replayed CUDA graph, an
             # attention backend without the hook): its remote positions read the
             # padding slot. Nothing of it may be committed.
-            self.counters["ship_unhooked_passes"] += 1
+            self.counters.add("ship_unhooked_passes")
             logger.error("TokenLake: a forward pass with shipped segments bypassed the "
                          "attention hook; its requests start over")
             for _, plan in self.active.values():
@@ -213,7 +255,10 @@ class RemoteAttention:
                                          scale=scale, logit_cap=cap)
         # 3. gather the owners' partials, merge
         parts: dict[int, list[Any]] = {i: [local[i]] for i, _, _ in rows}
-        deadline = time.monotonic() + self.query_timeout
+        # One budget per forward pass: waits of all its layers add up to at most
+        # query_timeout, so a slow owner fails its requests within one budget.
+        waited = time.monotonic()
+        deadline = waited + self.wait_budget
         for owner, (fut, entries) in futs.items():
             try:
                 msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -222,13 +267,14 @@ class RemoteAttention:
                 for _, plan, _ in entries:
                     if not plan.failed:
                         plan.failed = True
-                        self.counters["ship_failures"] += 1
+                        self.counters.add("ship_failures")
                         self.view.suspect(owner)
                         logger.warning("TokenLake: owner %s failed a query (%s); the request "
                                        "will start over without it", owner, e)
                 continue
             for (i, _, _), st in zip(entries, outs):
                 parts[i].append(st)
+        self.wait_budget = max(0.0, self.wait_budget - (time.monotonic() - waited))
         for i, _, plan in rows:
             if plan.failed:
                 continue  # retracted after the pass; its rows are never used
@@ -246,7 +292,7 @@ class RemoteAttention:
                      for _, plan, qi in entries],
         }
         buf = qs.view(torch.uint8).numpy().reshape(-1)
-        self.counters["query_bytes"] += buf.nbytes
+        self.counters.add("query_bytes", buf.nbytes)
         fut = self.agent.request(owner, "attend", header, [buf], timeout=self.query_timeout)
         return fut, entries
 
@@ -258,7 +304,7 @@ class RemoteAttention:
         if len(msg.buffers) != 2:
             raise ValueError("attend reply needs output and LSE buffers")
         ob, lb = msg.buffers
-        self.counters["partial_bytes"] += ob.nbytes + lb.nbytes
+        self.counters.add("partial_bytes", ob.nbytes + lb.nbytes)
         o = torch.frombuffer(bytearray(ob), dtype=dtype)
         lse = torch.frombuffer(bytearray(lb), dtype=torch.float32)
         if o.numel() != n * Hq * Dv or lse.numel() != n * Hq:
@@ -289,13 +335,61 @@ class RemoteAttention:
             if getattr(scheduler, "chunked_req", None) is req:
                 scheduler.chunked_req = None  # its remaining chunks start over with it
             scheduler._add_request_to_queue(req, is_retracted=True)
-            self.counters["retracted_requests"] += 1
+            self.counters.add("retracted_requests")
             logger.warning("TokenLake: request %s starts over (a remote owner failed)", req.rid)
         self.pending_retract = keep
 
     # -- owner side (broker thread) --------------------------------------------------------
 
-    def serve_attend(self, req: Any) -> None:
+    def handlers(self, known_sender: Callable[[Any], Optional[str]]) -> dict[str, Callable]:
+        """``lease``, ``unlease`` and ``attend``, for requests from live members only."""
+
+        def on_lease(req: Any) -> None:
+            peer = known_sender(req)
+            if peer is None:
+                return
+            h = req.msg.header
+            lease, keys, digests = h.get("lease"), h.get("keys"), h.get("digests")
+            why = check_keys(keys)
+            if why is not None:
+                self.counters.add("malformed")
+                req.error(f"lease: {why}")
+                return
+            if not (isinstance(lease, str) and 0 < len(lease) <= 64 and isinstance(digests, list)
+                    and len(digests) == len(keys)
+                    and all(isinstance(d, bytes) and len(d) == DIGEST_BYTES for d in digests)):
+                self.counters.add("malformed")
+                req.error("lease: needs a lease id, a list of keys and a digest per key")
+                return
+            # Granted here, on the broker thread: never waits for this worker's scheduler.
+            with self.host.slot_mutex:
+                why = self.leases.grant(peer, lease, keys, digests)
+            self.counters.add("leases_refused" if why else "leases_granted")
+            req.reply("lease", {"ok": why is None, **({"reason": why} if why else {})})
+
+        def on_unlease(req: Any) -> None:
+            peer = known_sender(req)
+            if peer is None:
+                return
+            lease = req.msg.header.get("lease")
+            if not isinstance(lease, str):
+                self.counters.add("malformed")
+                req.error("unlease: needs a lease id")
+                return
+            self.host.submit(lambda: self.leases.drop(lease, peer))
+            req.reply("ok")  # also for a lease unknown here: releasing is idempotent
+
+        def on_attend(req: Any) -> None:
+            peer = known_sender(req)
+            if peer is None:
+                return
+            with self.host.slot_mutex:
+                self.serve_attend(req, peer)
+
+        return {"lease": on_lease, "unlease": on_unlease, "attend": on_attend}
+
+    def serve_attend(self, req: Any, peer: str) -> None:
+        """Answer ``peer``'s queries (broker thread, slot mutex held)."""
         h, bufs = req.msg.header, req.msg.buffers
         try:
             dtype = getattr(torch, str(h["dtype"]))
@@ -304,6 +398,11 @@ class RemoteAttention:
             entries = h["reqs"]
             if not isinstance(dtype, torch.dtype) or len(bufs) != 1 or not isinstance(entries, list):
                 raise ValueError("bad attend message")
+            for e in entries:
+                if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                        and isinstance(e[1], int) and e[1] > 0 and isinstance(e[2], list)
+                        and e[2] and all(isinstance(k, int) for k in e[2])):
+                    raise ValueError("each request needs [lease, queries, keys]")
             total = sum(int(e[1]) for e in entries)
             if bufs[0].nbytes != total * heads * dim * torch.empty((), dtype=dtype).element_size():
                 raise ValueError("query buffer size disagrees with the header")
@@ -314,19 +413,25 @@ class RemoteAttention:
                 raise ValueError("query shape does not fit this worker's KV layout")
             q = q.to(k_buf.device)
         except Exception as e:
-            self.counters["malformed"] += 1
+            self.counters.add("malformed")
             req.error(f"attend: {e}")
             return
+        started = time.perf_counter()
+        pairs = 0
         outs, lses, off = [], [], 0
         for lease, n, keys in entries:
             n = int(n)
-            held = self.leases.get(lease)
+            why = self.leases.use(lease, peer, keys)
+            if why is not None:
+                req.error(f"attend: {why}")
+                self.counters.add("attend_missing")
+                return
             slots = []
             for k in keys:
                 node = self.tree.nodes.get(k)
-                if held is None or node is None or node.value is None:
+                if node is None or node.value is None:
                     req.error(f"attend: segment {k:#x} is not leased here")
-                    self.counters["attend_missing"] += 1
+                    self.counters.add("attend_missing")
                     return
                 base, off_ = node.value
                 slots.append(base[off_ : off_ + self.S])
@@ -335,38 +440,12 @@ class RemoteAttention:
             outs.append(st.o)
             lses.append(st.lse)
             off += n
+            pairs += n * len(keys) * self.S
         o = torch.cat(outs).to(dtype).contiguous().cpu()
         lse = torch.cat(lses).float().contiguous().cpu()
-        self.counters["attend_served"] += len(entries)
-        self.counters["partial_bytes_served"] += o.numel() * o.element_size() + lse.numel() * 4
+        if self.calibration is not None:
+            self.calibration.observe_attention(pairs, 1, time.perf_counter() - started)
+        self.counters.add("attend_served", len(entries))
+        self.counters.add("partial_bytes_served", o.numel() * o.element_size() + lse.numel() * 4)
         req.reply("partial", {}, [o.view(torch.uint8).numpy().reshape(-1),
                                   lse.view(torch.uint8).numpy().reshape(-1)])
-
-    def grant_lease(self, peer: str, lease: str, keys: list[int]) -> bool:
-        """Scheduler thread: pin ``keys`` for ``peer``'s request (all must be local)."""
-        nodes = []
-        for k in keys:
-            node = self.tree.nodes.get(k)
-            if node is None or node.value is None:
-                for n in nodes:
-                    self.tree.unlock(n)
-                return False
-            self.tree.lock(node)
-            nodes.append(node)
-        old = self.leases.pop(lease, None)
-        if old is not None:
-            for n in old[1]:
-                self.tree.unlock(n)
-        self.leases[lease] = (peer, nodes)
-        return True
-
-    def drop_lease(self, lease: str) -> None:
-        held = self.leases.pop(lease, None)
-        if held is not None:
-            for n in held[1]:
-                self.tree.unlock(n)
-
-    def drop_peer_leases(self, peer: str) -> None:
-        for lease, (p, _) in list(self.leases.items()):
-            if p == peer:
-                self.drop_lease(lease)

@@ -23,10 +23,16 @@ import torch
 
 from sglang_tokenlake import kvio
 from sglang_tokenlake.config import TokenLakeConfig
+from sglang_tokenlake.counters import Counters
 from sglang_tokenlake.dispatch import Assignment, Mode, ModelShape
 from sglang_tokenlake.placement import homes
 from sglang_tokenlake.policy import PoolPolicy
-from sglang_tokenlake.pool.index import MAX_CHAIN, IndexSync, int_list
+from sglang_tokenlake.pool.calibration import Calibration
+from sglang_tokenlake.pool.identity import put_key_mismatch
+from sglang_tokenlake.pool.index import IndexSync, chain_conflicts, int_list
+from sglang_tokenlake.pool.leases import token_digest
+from sglang_tokenlake.pool.limits import MAX_PENDING_PUT_BYTES, JobGate, check_keys, max_frame_bytes
+from sglang_tokenlake.pool.requests import RequestTable
 from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.segments import segment_bytes
 from sglang_tokenlake.transport.broker import Request
@@ -46,6 +52,9 @@ def _wire_tensor(buf: memoryview) -> torch.Tensor:
     return out
 
 
+DECODE_STEPS_CAP = 256  # decode steps a request is expected to ship queries for, at most
+
+
 class Transfers:
     """Puts, pulls and the choice of replica and mode per remote segment.
 
@@ -58,11 +67,13 @@ class Transfers:
         config: the worker's TokenLake settings.
         counters: the pool's counters.
         known_sender: the sender of a request if it is a live member, else None.
+        calibration: measured costs for dispatch's time model (priors by default).
     """
 
     def __init__(self, host: CacheHost, view: PoolView, policy: PoolPolicy, index: IndexSync,
-                 agent: PeerAgent, config: TokenLakeConfig, counters: defaultdict[str, int],
-                 known_sender: Callable[[Request], Optional[str]]) -> None:
+                 agent: PeerAgent, config: TokenLakeConfig, counters: Counters,
+                 known_sender: Callable[[Request], Optional[str]],
+                 calibration: Optional[Calibration] = None) -> None:
         self.host = host
         self.known_sender = known_sender
         self.tree = host.tree
@@ -78,14 +89,18 @@ class Transfers:
         self.layout = kvio.layout_of(self.kvcache)
         self.seg_bytes = self.S * self.layout.bytes_per_token()
         self.remote: Optional[RemoteAttention] = None  # set by the link
+        self.calibration = calibration or Calibration()
         self.ship_ok = True  # query shipping possible on this worker (set by the adapter)
         self._pulls: dict[int, tuple[Future, int, float]] = {}  # key -> (future, index, started)
         self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
-        self._decisions: dict[int, tuple[tuple[int, ...], list[Assignment]]] = {}  # id(req) ->
+        self._decisions: RequestTable[tuple[tuple[int, ...], list[Assignment]]] = RequestTable()
         self.drop: set[SegmentNode] = set()  # transient copies to drop once unlocked
+        self.puts = JobGate(host.submit, MAX_PENDING_PUT_BYTES, counters)  # KV bytes queued
+        # The largest frame a peer legitimately sends here (the broker's MAXMSGSIZE).
+        self.max_frame_bytes = max_frame_bytes(self.seg_bytes, host.q_heads, self.layout.head_dim)
 
     def _put(self, home: str, keys: list[int], path: list[SegmentNode], idxs: list[int],
-             migrate: bool = False) -> None:
+             migrate: bool = False, seed: Optional[int] = None) -> None:
         """Send segments ``path[i]`` (i in ``idxs``; chain ``keys``) to their home.
 
         Only the segments the home reports holding become its copies here; with
@@ -98,9 +113,11 @@ class Transfers:
             bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
             toks.append(path[i].tokens)
         header = {"from": self.self_id, "keys": list(keys[: idxs[-1] + 1]), "segs": idxs, "tokens": toks}
+        if seed is not None:  # lets the home check the first segment's key too
+            header["seed"] = seed
         fut = self.agent.request(home, "put", header, bufs, timeout=self.config.pull_timeout * 2)
-        self.counters["put_segments"] += len(idxs)
-        self.counters["put_bytes"] += sum(b.nbytes for b in bufs)
+        self.counters.add("put_segments", len(idxs))
+        self.counters.add("put_bytes", sum(b.nbytes for b in bufs))
         nodes = {i: path[i] for i in idxs}
 
         def done(f: Future) -> None:
@@ -109,7 +126,7 @@ class Transfers:
             acked = [n for i, n in nodes.items() if i in held]
             failed = [n for i, n in nodes.items() if i not in held]
             if failed:
-                self.counters["put_failures"] += len(failed)
+                self.counters.add("put_failures", len(failed))
             self.host.submit(lambda: self._put_done(home, acked, failed, migrate))
 
         fut.add_done_callback(done)
@@ -142,7 +159,7 @@ class Transfers:
             return False
         path = self.tree.path_to(node)
         self._migrating.add(node.key)
-        self.counters["migrated_segments"] += 1
+        self.counters.add("migrated_segments")
         self._put(home, [x.key for x in path], path, [len(path) - 1], migrate=True)
         return True
 
@@ -176,9 +193,15 @@ class Transfers:
                            kv_heads=lay.kv_heads, head_dim=lay.head_dim, dtype_bytes=lay.itemsize)
         locations = {n.key: ({self.self_id} if n.value is not None else
                              {o for o in n.owners if self.view.usable(o)}) for n in run}
+        # Memory is a cost too: the part of a pull that must evict cached segments.
+        remote = sum(1 for n in run if n.value is None) * self.S
+        short = remote - self.host.free_tokens()
+        pressure = short / remote if remote and short > 0 else 0.0
+        costs = self.calibration.costs(pressure)
         plan = self.policy.dispatch([n.key for n in run], locations, self.view.loads(),
                                     executor=self.self_id, new_tokens=new_tokens,
-                                    expected_output_tokens=max_new_tokens, shape=shape)
+                                    expected_output_tokens=min(max_new_tokens, DECODE_STEPS_CAP),
+                                    shape=shape, costs=costs)
         forced = {"ship": Mode.SHIP_QUERY, "pull": Mode.PULL_KV}.get(self.config.remote_mode)
         if not self.ship_ok:  # queries cannot be shipped from here: pull whatever is remote
             forced = Mode.PULL_KV
@@ -187,7 +210,7 @@ class Transfers:
             if forced is not None and a.mode is not Mode.LOCAL:
                 worker = a.worker if a.mode is not Mode.RECOMPUTE else self.owner_for(n)
                 a = Assignment(a.key, worker or self.self_id, forced if worker else Mode.RECOMPUTE)
-            self.counters[f"planned_{a.mode.value}_segments"] += 1
+            self.counters.add(f"planned_{a.mode.value}_segments")
             out.append(a)
         return out
 
@@ -201,14 +224,25 @@ class Transfers:
         cut = next((i for i, a in enumerate(plan) if a.mode is Mode.RECOMPUTE), len(plan))
         run, plan = run[:cut], plan[:cut]
         if req is not None and run:
-            self._decisions[id(req)] = (tuple(n.key for n in run), plan)
+            self._decisions.set(req, (tuple(n.key for n in run), plan))
         self.prefetch([n for n, a in zip(run, plan) if a.mode is Mode.PULL_KV],
                       [a.worker for a in plan if a.mode is Mode.PULL_KV])
         return run
 
     def forget(self, req: Any) -> None:
         """A request left the scheduler: drop its dispatch decisions."""
-        self._decisions.pop(id(req), None)
+        self._decisions.pop(req)
+
+    def sweep_requests(self) -> None:
+        """Drop the decisions of requests that left without a release."""
+        self._decisions.sweep()
+
+    def reset(self) -> None:
+        """The cache was flushed: nothing pending refers to the old tree's nodes."""
+        self.drop.clear()
+        self._pulls.clear()
+        self._migrating.clear()
+        self._decisions.clear()
 
     def load_back(self, req: Any, best_match_node: SegmentNode, device_node: SegmentNode,
                   host_hit_length: int) -> tuple[int, SegmentNode]:
@@ -233,7 +267,7 @@ class Transfers:
             return 0, device_node
         seg_tokens = [raw[i * S * 8 : (i + 1) * S * 8] for i in range(len(run))]
         keys = tuple(n.key for n in run)
-        decided = self._decisions.get(id(req))
+        decided = self._decisions.get(req)
         decided_plan = (decided[1] if decided is not None and decided[0] == keys
                  else [Assignment(n.key, "", Mode.PULL_KV) for n in run])
         deadline = time.monotonic() + self.config.pull_timeout
@@ -255,7 +289,8 @@ class Transfers:
                 owners.setdefault(owner, []).append((n.depth, n.key))
         if owners:
             assert self.remote is not None
-            plan = self.remote.new_plan(owners)
+            plan = self.remote.new_plan(owners, {run[i].key: token_digest(seg_tokens[i])
+                                                 for i in ship})
             if not self.remote.lease(plan, deadline):
                 # No pinned copy to ship queries to: pull those segments instead.
                 pull, plan = sorted(pull + ship), None
@@ -275,7 +310,7 @@ class Transfers:
             assert self.remote is not None
             self.remote.attach(req, plan)
             stats.shipped_tokens += plan.remote_tokens()
-            self.counters["shipped_segments"] += len(ship)
+            self.counters.add("shipped_segments", len(ship))
         stats.pulled_tokens += len(pull) * S
         return len(run) * S, run[-1]
 
@@ -302,9 +337,16 @@ class Transfers:
         for owner, ks in by_owner.items():
             fut = self.agent.request(owner, "get", {"from": self.self_id, "keys": ks},
                                      timeout=self.config.pull_timeout)
+            fut.add_done_callback(lambda f, o=owner, t0=now: self._timed(f, o, t0))
             for i, k in enumerate(ks):
                 self._pulls[k] = (fut, i, now)
-            self.counters["get_requests"] += 1
+            self.counters.add("get_requests")
+
+    def _timed(self, fut: Future, owner: str, t0: float) -> None:
+        """A pull's reply arrived (agent thread): measure the link with it."""
+        if fut.exception() is None:
+            nbytes = sum(b.nbytes for b in fut.result().buffers)
+            self.calibration.observe_transfer(owner, nbytes, time.monotonic() - t0)
 
     def load_run(self, nodes: list[SegmentNode], tokens: list[bytes], deadline: float) -> bool:
         """Pull ``nodes`` into local slots (scheduler thread); all or nothing.
@@ -318,33 +360,33 @@ class Transfers:
         for n, want in need:
             entry = self._pulls.pop(n.key, None)
             if entry is None:
-                self.counters["pull_failures"] += 1
+                self.counters.add("pull_failures")
                 return False
             fut, i, _ = entry
             try:
                 msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as e:
-                self.counters["pull_failures"] += 1
+                self.counters.add("pull_failures")
                 logger.info("TokenLake: pull of a segment failed (%s); recomputing", e)
                 return False
             found, toks = msg.header.get("found"), msg.header.get("tokens")
             if not isinstance(found, list) or i >= len(found) or not found[i]:
-                self.counters["pull_failures"] += 1
+                self.counters.add("pull_failures")
                 return False
             j = sum(1 for f in found[:i] if f)
             if not isinstance(toks, list) or j >= len(toks) or toks[j] != want:
-                self.counters["pull_token_mismatch"] += 1
+                self.counters.add("pull_token_mismatch")
                 return False
             buf = msg.buffers[j] if j < len(msg.buffers) else None
             if buf is None or buf.nbytes != self.seg_bytes:
-                self.counters["pull_failures"] += 1
+                self.counters.add("pull_failures")
                 return False
             datas.append(buf)
         if not need:
             return True
         slots = self.host.alloc_slots(len(need) * self.S)
         if slots is None:
-            self.counters["pull_no_memory"] += 1
+            self.counters.add("pull_no_memory")
             return False
         for j, ((node, tok), buf) in enumerate(zip(need, datas)):
             seg = slots[j * self.S : (j + 1) * self.S]
@@ -357,8 +399,8 @@ class Transfers:
                 self.index.announce(keys, [len(keys) - 1])
             elif not self.config.transient_copies:
                 self.drop.add(node)
-        self.counters["pulled_segments"] += len(need)
-        self.counters["pulled_bytes"] += len(need) * self.seg_bytes
+        self.counters.add("pulled_segments", len(need))
+        self.counters.add("pulled_bytes", len(need) * self.seg_bytes)
         return True
 
     def sweep_transient(self) -> None:
@@ -381,9 +423,10 @@ class Transfers:
         keys = req.msg.header.get("keys")
         if self.known_sender(req) is None:
             return
-        if not int_list(keys) or len(keys) > MAX_CHAIN:
-            self.counters["malformed"] += 1
-            req.error("get: keys must be a list of integers")
+        why = check_keys(keys)
+        if why is not None:
+            self.counters.add("malformed")
+            req.error(f"get: {why}")
             return
         found, toks, bufs = [], [], []
         with self.host.slot_mutex:
@@ -397,8 +440,8 @@ class Transfers:
                 bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
                 toks.append(node.tokens)
                 found.append(True)
-        self.counters["served_segments"] += len(bufs)
-        self.counters["served_bytes"] += sum(b.nbytes for b in bufs)
+        self.counters.add("served_segments", len(bufs))
+        self.counters.add("served_bytes", sum(b.nbytes for b in bufs))
         req.reply("kv", {"found": found, "tokens": toks}, bufs)
 
     def on_put(self, req: Request) -> None:
@@ -407,20 +450,29 @@ class Transfers:
         h, bufs = req.msg.header, req.msg.buffers
         keys, segs, toks = h.get("keys"), h.get("segs"), h.get("tokens")
         ok = (
-            int_list(keys) and 0 < len(keys) <= MAX_CHAIN and int_list(segs)
+            check_keys(keys) is None and int_list(segs) and len(set(segs)) == len(segs)
             and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
             and all(0 <= i < len(keys) for i in segs)
             and all(isinstance(t, bytes) and len(t) == self.S * 8 for t in toks)
             and all(b.nbytes == self.seg_bytes for b in bufs)
         )
         if not ok:
-            self.counters["malformed"] += 1
+            self.counters.add("malformed")
             req.error("put: malformed segments (keys, segs, tokens and KV buffers must agree)")
+            return
+        bad = put_key_mismatch(keys, segs, toks, self.S, h.get("seed"))
+        if bad is not None:  # a key that is not its tokens' chained hash: nothing is stored
+            self.counters.add("refused_put_key")
+            req.error(f"put: the key of segment {bad} does not match its tokens")
             return
         datas = [_wire_tensor(b) for b in bufs]
 
         def job() -> None:
             stored, held = 0, []
+            if chain_conflicts(self.tree, keys):
+                self.counters.add("refused_chain_conflicts")
+                req.error("put: the key chain disagrees with this worker's tree")
+                return
             for i, tok, data in zip(segs, toks, datas):
                 node = self.tree.nodes.get(keys[i])
                 if node is not None and node.value is not None:
@@ -431,14 +483,15 @@ class Transfers:
                     continue
                 slots = self.host.alloc_slots(self.S)
                 if slots is None:
-                    self.counters["put_refused_full"] += 1
+                    self.counters.add("put_refused_full")
                     break
                 kvio.scatter(self.kvcache, slots, data, self.layout)
                 self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
                 self.index.announce(list(keys[: i + 1]), [i])
                 stored += 1
                 held.append(i)
-            self.counters["stored_segments"] += stored
+            self.counters.add("stored_segments", stored)
             req.reply("ok", {"stored": stored, "held": held})
 
-        self.host.submit(job)
+        if not self.puts.submit(job, sum(b.nbytes for b in bufs)):
+            req.error("put: busy (too much KV queued for this worker); try again later")

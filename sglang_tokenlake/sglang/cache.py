@@ -45,6 +45,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.kvio import merge_runs
+from sglang_tokenlake.pool.requests import RequestTable
 from sglang_tokenlake.segments import keys_from_bytes, request_namespace, segment_bytes
 from sglang_tokenlake.stats import CacheStats
 from sglang_tokenlake.tree import SegmentNode, SegmentTree
@@ -93,11 +94,11 @@ class TokenLakeCache(BasePrefixCache):
             from sglang_tokenlake.sglang.metrics import TokenLakeMetrics
 
             self.metrics = TokenLakeMetrics(self.metrics_collector.labels)
-        self.tree = SegmentTree(self.segment_size)
+        self.tree = SegmentTree(self.segment_size, config.policy().eviction)
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.pool: Optional[PoolLink] = None  # attached by the broker service (service.py)
         self.q_heads = 0  # query heads per worker (for dispatch byte costs); set by the factory
-        self._observed: set[int] = set()  # id(req) of requests counted by the hotness estimate
+        self._observed: RequestTable[bool] = RequestTable()  # requests counted by hotness
         self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
         self._wake: Optional[Callable[[], None]] = None  # wakes the scheduler's idle poller
         self._scheduler: Any = None  # SGLang's Scheduler, once it ran a hook
@@ -108,10 +109,18 @@ class TokenLakeCache(BasePrefixCache):
     # -- BasePrefixCache: state ---------------------------------------------
 
     def reset(self) -> None:
+        """SGLang's flush_cache (every weight update too): the tree starts empty and the
+        allocator takes every slot back. The pool retracts what this worker held, ends
+        the leases it granted (they pinned nodes of the old tree) and syncs again."""
         if self.pool is not None:
             self.pool.on_evicted([n for n in self.tree.nodes.values() if n.value is not None])
         with self.slot_mutex:
             self.tree.reset()
+            if self.pool is not None:
+                self.pool.remote.leases.end_all()
+        self._observed.clear()
+        if self.pool is not None:
+            self.pool.on_flush()
         self.root_node = self.tree.root
         self._empty_match = MatchResult(
             device_prefix_len=0,
@@ -162,8 +171,8 @@ class TokenLakeCache(BasePrefixCache):
         if run:
             run = self.pool.transfers.plan_run(params.req, len(key), len(path), run)
         req = params.req
-        if self.pool is not None and req is not None and id(req) not in self._observed:
-            self._observed.add(id(req))  # one observation per request, not per scheduling round
+        if self.pool is not None and req is not None and req not in self._observed:
+            self._observed.set(req, True)  # one observation per request, not per scheduling round
             self.pool.observe([n.key for n in path] + [n.key for n in run])
         if not path and not run:
             return self._empty_match
@@ -253,12 +262,13 @@ class TokenLakeCache(BasePrefixCache):
         token_ids = req.full_untruncated_fill_ids[: n_seg * S]
         key = RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt)
         keys, raw = self._key_chain(key)
+        seed = request_namespace(self.namespace, key.extra_key, key.cache_salt)
         row = self.req_to_token_pool.req_to_token[kv.req_pool_idx]
         plan = self.pool.remote.plan_of(req) if self.pool is not None else None
         remote = {idx for idx, _ in plan.segments()} if plan is not None else set()
         out = self._insert_slots(keys, raw, row[: n_seg * S], skip=remote)
         if self.pool is not None:
-            self.pool.on_inserted(keys, out)
+            self.pool.on_inserted(keys, out, seed)
 
         # The request computed segments the tree already held: free its copies
         # and point the row at the tree's.
@@ -286,7 +296,7 @@ class TokenLakeCache(BasePrefixCache):
             self.check_integrity()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
-        self._observed.discard(id(req))
+        self._observed.pop(req)
         if self.pool is not None:
             self.pool.forget(req)
         if req.finished():
@@ -311,6 +321,8 @@ class TokenLakeCache(BasePrefixCache):
     def evict(self, params: EvictParams) -> EvictResult:
         start = time.perf_counter()
         keep = self.pool.keep_copy if self.pool is not None else None
+        if self.pool is not None:
+            self.pool.before_free()
         with self.slot_mutex:
             dropped = self.tree.evict(params.num_tokens, keep)
             if dropped:
@@ -357,38 +369,13 @@ class TokenLakeCache(BasePrefixCache):
 
     # -- inspection ------------------------------------------------------------
 
-    def check_integrity(self) -> dict[str, int]:
-        """Check the tree's counters and its slots against the allocator.
+    def check_integrity(self, kvs: Optional[Any] = None) -> dict[str, int]:
+        """Check the tree's slots against the allocator and return the accounting, with
+        ``held_by_requests`` measured from the live requests' rows (``kvs``: their KV
+        records; default: the attached scheduler's). See sglang/accounting.py."""
+        from sglang_tokenlake.sglang import accounting
 
-        Every slot held by the tree is distinct and none is in the free list.
-        Returns the accounting: ``free + cached + held_by_requests == capacity``.
-        """
-        self.tree.check()
-        alloc = self.token_to_kv_pool_allocator
-        values = merge_runs(
-            [n.value for n in self.tree.iter_nodes() if n.value is not None], self.segment_size
-        )
-        cached = self.tree.cached_tokens
-        if values:
-            slots = torch.cat(values)
-            assert slots.numel() == cached, (slots.numel(), cached)
-            assert torch.unique(slots).numel() == cached, "a slot is held by two segments"
-            assert not bool((slots == 0).any()), "the padding slot 0 is in the tree"
-            free = alloc.get_all_free_pages()
-            if free is not None and free.numel():
-                pages = torch.unique(slots // self.page_size)
-                stale = torch.isin(pages, free)
-                assert not bool(stale.any()), "a slot held by the tree is in the free list"
-        capacity = int(alloc.size)
-        available = int(alloc.available_size())
-        return {
-            "capacity": capacity,
-            "free": available,
-            "cached": cached,
-            "locked": self.tree.locked_tokens,
-            "evictable": self.tree.evictable_tokens,
-            "held_by_requests": capacity - available - cached,
-        }
+        return accounting.check(self, kvs)
 
     def status(self) -> dict[str, Any]:
         acct = self.check_integrity()
@@ -466,11 +453,14 @@ class TokenLakeCache(BasePrefixCache):
         if self.pool is not None:
             self.pool.poll()
         now = time.monotonic()
-        if self.metrics is not None and now - self._last_gauge >= 1.0:
+        if now - self._last_gauge >= 1.0:
             self._last_gauge = now
+            self._observed.sweep()  # requests dropped without a release
+        if self.metrics is not None and now == self._last_gauge:
             self.metrics.set_occupancy(self.tree.cached_tokens, self.tree.local_nodes)
             if self.pool is not None:
                 self.metrics.observe_pool(self.pool.counters)
+                self.metrics.observe_calibration(self.pool.calibration.snapshot())
         interval = self.config.log_interval
         if interval > 0 and now - self._last_log >= interval:
             self._last_log = now

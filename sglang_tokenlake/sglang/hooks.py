@@ -15,6 +15,7 @@ pool service binds the engine to (``ENGINE_ATTR``): no process-wide global.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
@@ -29,15 +30,34 @@ def _engine(scheduler: Any) -> Optional[RemoteAttention]:
     return pool.remote if pool is not None else None
 
 
+def _prefill_tokens(scheduler: Any, batch: Any) -> int:
+    """Tokens an extend pass prefills, when its wall time is its compute time (no
+    overlap scheduling: run_batch returns when the pass is done); else 0."""
+    if getattr(scheduler, "enable_overlap", True):
+        return 0
+    mode = getattr(batch, "forward_mode", None)
+    if mode is None or not mode.is_extend():
+        return 0
+    return int(getattr(batch, "extend_num_tokens", 0) or 0)
+
+
 def around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-    eng = _engine(scheduler)
-    if eng is None or not eng.plans:
+    pool = getattr(getattr(scheduler, "tree_cache", None), "pool", None)
+    if pool is None:
         return original(scheduler, batch, *args, **kwargs)
-    eng.begin_forward(batch)
+    eng = pool.remote
+    tokens = _prefill_tokens(scheduler, batch)
+    started = time.perf_counter()
+    shipping = bool(eng.plans)
+    if shipping:
+        eng.begin_forward(batch)
     try:
         return original(scheduler, batch, *args, **kwargs)
     finally:
-        eng.end_forward(batch)
+        if shipping:
+            eng.end_forward(batch)
+        if tokens and not shipping:  # dispatch's prefill cost, from this worker's own passes
+            pool.calibration.observe_prefill(tokens, time.perf_counter() - started)
 
 
 def around_process_batch_result(original: Any, scheduler: Any, batch: Any, *args: Any,

@@ -51,6 +51,25 @@ class TokenLakeMetrics:
             "segments put to their homes (put).",
             labelnames=[*names, "mode"],
         )
+        self.prefill_cost = Gauge(
+            "sglang:tokenlake_prefill_seconds_per_token",
+            "Seconds this worker takes to prefill one token, as dispatch's time model uses "
+            "it (measured from its prefill passes, or pinned by --tokenlake-prefill-cost).",
+            labelnames=names,
+            multiprocess_mode="mostrecent",
+        ).labels(**self._labels)
+        self.link_rtt = Gauge(
+            "sglang:tokenlake_link_rtt_seconds",
+            "Round trip to a peer as dispatch's time model uses it (heartbeats).",
+            labelnames=[*names, "peer"],
+            multiprocess_mode="mostrecent",
+        )
+        self.link_bandwidth = Gauge(
+            "sglang:tokenlake_link_bandwidth_bytes_per_second",
+            "Bandwidth from a peer as dispatch's time model uses it (pulls).",
+            labelnames=[*names, "peer"],
+            multiprocess_mode="mostrecent",
+        )
         self._seen: dict[str, float] = {}
 
     # pool counter -> (series, label name, label value)
@@ -74,6 +93,13 @@ class TokenLakeMetrics:
             if delta > 0:
                 getattr(self, series).labels(**self._labels, **{label: value}).inc(delta)
                 self._seen[name] = v
+
+    def observe_calibration(self, snapshot: dict) -> None:
+        """Export the figures of dispatch's time model (``Calibration.snapshot``)."""
+        self.prefill_cost.set(snapshot["prefill_s_per_token"])
+        for peer, link in snapshot["links"].items():
+            self.link_rtt.labels(**self._labels, peer=peer).set(link["rtt_s"])
+            self.link_bandwidth.labels(**self._labels, peer=peer).set(link["bandwidth_Bps"])
 
     def observe_request(self, hit: int, miss: int) -> None:
         if hit:

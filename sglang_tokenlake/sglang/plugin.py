@@ -19,6 +19,8 @@ import logging
 import sys
 from typing import Any
 
+from sglang_tokenlake.sglang.guards import check_shipping, pooling_refusal
+
 logger = logging.getLogger(__name__)
 
 BACKEND = "tokenlake"
@@ -48,6 +50,10 @@ def register() -> None:
         "sglang.srt.managers.scheduler.Scheduler.ingest_requests",
         _after_ingest_requests,
         HookType.AFTER,
+    )
+    # Every weight update ends in flush_cache: the default namespace follows the weights.
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.flush_cache", _after_flush_cache, HookType.AFTER
     )
     # Query-centric attention (pool/remote.py, sglang/hooks.py): the attention backends' outputs
     # for requests whose prefix stays on other workers, and the retraction of a
@@ -149,6 +155,14 @@ def _around_from_cli_args(original: Any, cls: Any, args: argparse.Namespace) -> 
             f"sglang-tokenlake: --tokenlake-segment-size ({config.segment_size}) must be a "
             f"multiple of --page-size ({page_size})."
         )
+    refusal = pooling_refusal(getattr(args, "tp_size", 1))
+    if refusal:
+        sys.exit(f"sglang-tokenlake: {refusal}")
+    device = getattr(args, "device", None) or ("cuda" if _cuda_available() else "cpu")
+    try:
+        check_shipping(args, device, config.remote_mode)
+    except ValueError as e:
+        sys.exit(f"sglang-tokenlake: {e}")
     args.radix_cache_backend = BACKEND
     server_args = original(cls, args)
     setattr(server_args, _CONFIG_ATTR, config.to_dict())
@@ -181,22 +195,22 @@ def _tree_cache_factory(ctx: Any) -> Any:
 
     server_args = ctx.server_args
     config = config_of(server_args)
-    cache = TokenLakeCache(ctx.params, config, model_id=str(server_args.model_path))
+    cache = TokenLakeCache(ctx.params, config, model_id=namespace_of(server_args))
     heads = int(getattr(ctx.model_config, "num_attention_heads", 0) or 0)
     cache.q_heads = max(1, heads // max(1, int(ctx.tp_size)))
-    ship_ok = ship_supported(server_args)
-    if config.remote_mode == "ship" and not ship_ok:
-        raise ValueError(
-            "--tokenlake-remote-mode ship needs every forward pass to run through the "
-            "attention hooks: add --disable-overlap-schedule and "
-            "--cuda-graph-backend-decode disabled (or use --tokenlake-remote-mode pull/auto)"
-        )
-    if ctx.tp_size > 1 and config.peer_list():
-        raise ValueError("pooling across workers supports --tp-size 1 only")
+    refusal = pooling_refusal(ctx.tp_size)
+    if refusal:
+        raise ValueError(refusal)
+    # Shipping is wrong whenever a captured graph replays a pass the attention hooks
+    # must see: refuse explicit ship mode, and let auto pull or recompute instead.
+    ship = check_shipping(server_args, cache.device.type, config.remote_mode)
+    if not ship.allowed and config.remote_mode == "auto":
+        logger.warning("TokenLake: query shipping is off (remote segments are pulled or "
+                       "recomputed): %s", ship.reason)
     if ctx.tp_rank == 0:
         start_service(cache, config, server_args)
         if cache.pool is not None:
-            cache.pool.ship_ok = ship_ok
+            cache.pool.transfers.ship_ok = ship.allowed
     logger.info(
         "TokenLake cache ready: segment_size=%d page_size=%d namespace=%s",
         config.segment_size, ctx.params.page_size, cache.namespace,
@@ -204,13 +218,37 @@ def _tree_cache_factory(ctx: Any) -> Any:
     return cache
 
 
-def ship_supported(server_args: Any) -> bool:
-    """Query shipping replaces attention outputs in Python hooks: it needs forward
-    passes that are neither overlapped with scheduling nor replayed from CUDA graphs."""
-    overlap_off = bool(getattr(server_args, "disable_overlap_schedule", False))
-    graphs = getattr(server_args, "cuda_graph_backend_decode", None)
-    graphs_off = graphs in (None, "disabled") or bool(getattr(server_args, "disable_cuda_graph", False))
-    return overlap_off and graphs_off
+def namespace_of(server_args: Any, model_path: Any = None,
+                 weight_version: Any = None) -> str:
+    """The default namespace (sglang_tokenlake/namespace.py): model path, --revision,
+    a digest of the weight files and the weight version."""
+    from sglang_tokenlake.namespace import default_namespace
+
+    return default_namespace(
+        str(model_path or server_args.model_path), getattr(server_args, "revision", None),
+        weight_version or getattr(server_args, "weight_version", None),
+    )
+
+
+def _after_flush_cache(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """After a flush (every weight update ends in one) derive the default namespace
+    again from the weights now served, so no KV of the old weights is ever matched."""
+    cache = getattr(scheduler, "tree_cache", None)
+    if result is False or not getattr(cache, "is_tokenlake", False) or cache.config.namespace:
+        return
+    runner = getattr(getattr(scheduler, "tp_worker", None), "model_runner", None)
+    path = getattr(getattr(runner, "model_config", None), "model_path", None)
+    try:
+        from sglang.srt.runtime_context import get_serving
+
+        version = get_serving().weight_version
+    except Exception:
+        version = None
+    server_args = getattr(scheduler, "server_args", None)
+    ns = namespace_of(server_args, path, version)
+    if ns != cache.namespace:
+        logger.info("TokenLake: namespace %s -> %s (weights changed)", cache.namespace, ns)
+        cache.namespace = ns
 
 
 def _after_ingest_requests(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:

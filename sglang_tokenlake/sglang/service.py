@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from sglang_tokenlake.config import BROKER_PORT_OFFSET
+from sglang_tokenlake.config import BROKER_PORT_OFFSET, is_loopback
 from sglang_tokenlake.transport.broker import Broker, Request
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,14 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
     from sglang_tokenlake.sglang.hooks import ENGINE_ATTR
     from sglang_tokenlake.transport.auth import load_curve_keys, start_authenticator
 
-    keys = load_curve_keys(config.curve_dir)
+    # Each worker its own key: the one whose certificate names this broker's address.
+    keys = load_curve_keys(config.curve_dir, config.curve_key, member=worker_id)
     curve_keys = {}
+    if keys is None and not is_loopback(config.host):  # allowed by --tokenlake-insecure only
+        logger.warning(
+            "TokenLake: broker on %s serves the pool WITHOUT authentication "
+            "(--tokenlake-insecure): anyone who reaches it can join, read and write cached KV",
+            config.host)
     if keys is not None:
         import zmq
 
@@ -79,6 +85,7 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
         f"tcp://{config.host}:{port}",
         {"ping": ping, "status": status, **(pool.handlers() if pool is not None else {})},
         name=f"tokenlake-broker-{port}",
+        **({"max_frame_bytes": pool.transfers.max_frame_bytes} if pool is not None else {}),
         **curve_keys,
     )
     try:

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sglang_tokenlake.dispatch import ModelShape
+from sglang_tokenlake.eviction import EVICTIONS, AwareParams
 from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.sim import report
 from sglang_tokenlake.sim.compute import ComputeModel
-from sglang_tokenlake.sim.engine import POLICIES, SimConfig, simulate, time_stretch
+from sglang_tokenlake.sim.engine import ALL_POLICIES, POLICIES, SimConfig, simulate, time_stretch
 from sglang_tokenlake.sim.routing import CacheAwareConfig
 from sglang_tokenlake.sim.workloads import Workload, load
 
@@ -41,7 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, nargs="+", default=[4, 8, 16, 64])
     p.add_argument("--capacity", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4],
                    help="total cache capacity as fractions of the workload's unique full blocks")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=ALL_POLICIES,
+                   help="belady: the offline bound (limit evicting what is reused furthest ahead)")
+    p.add_argument("--split", choices=("all", "first", "second"), default="all",
+                   help="use the first or second half of the workload by arrival time "
+                        "(tune on one, report on the other)")
+    p.add_argument("--eviction", choices=EVICTIONS, default=PolicyConfig.eviction,
+                   help="eviction order of the pooled caches (tokenlake, limit, mooncake)")
+    p.add_argument("--aware-freq-weight", type=float, default=AwareParams.freq_weight,
+                   help="aware eviction: extra lifetimes per doubling of a block's uses")
+    p.add_argument("--aware-depth-weight", type=float, default=AwareParams.depth_weight,
+                   help="aware eviction: extra lifetimes per doubling of a block's depth")
     load_g = p.add_mutually_exclusive_group()
     load_g.add_argument("--target-util", type=float, nargs="+", default=[0.7],
                         help="scale arrivals so the uncached GPU work is this fraction of the "
@@ -85,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     global _WORKLOAD
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    wl = load(args.workload, args.limit, args.seed)
+    wl = split(load(args.workload, args.limit, args.seed), args.split)
     _WORKLOAD = wl
     info = wl.summary()
     print(f"workload {info}", file=sys.stderr)
@@ -95,7 +106,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         head_dim=shape.head_dim, dtype_bytes=shape.dtype_bytes))
     policy = PolicyConfig(replica_budget=args.replica_budget,
                           placement_choices=args.placement_choices,
-                          pool_leaf_first=not args.no_pool_leaf_first)
+                          pool_leaf_first=not args.no_pool_leaf_first,
+                          eviction=args.eviction,
+                          aware=AwareParams(args.aware_freq_weight, args.aware_depth_weight))
     router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
                               args.balance_rel_threshold)
     utils: list[Optional[float]] = [None] if args.rate_scale is not None else args.target_util
@@ -137,6 +150,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(report.markdown(doc))
     print(f"wall {doc['wall_s']} s; wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
+
+
+def split(wl: Workload, half: str) -> Workload:
+    """The requests of ``wl`` before (``first``) or from (``second``) its mid time."""
+    if half == "all" or not wl.requests:
+        return wl
+    mid = wl.requests[0].arrival_s + wl.duration_s() / 2
+    reqs = [r for r in wl.requests if (r.arrival_s < mid) == (half == "first")]
+    return dataclasses.replace(wl, name=f"{wl.name}[{half}]", requests=reqs)
 
 
 def _execute(tasks: list, jobs: int) -> list[dict[str, Any]]:

@@ -10,6 +10,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Optional
+
+from sglang_tokenlake.eviction import AwareCache
+from sglang_tokenlake.policy import PolicyConfig
+
+
+def new_cache(capacity: int, policy: PolicyConfig | None = None) -> PrefixLRU | AwareCache:
+    """A block cache of ``capacity`` evicting in ``policy.eviction`` order (default LRU)."""
+    if policy is None or policy.eviction == "lru":
+        return PrefixLRU(capacity)
+    return AwareCache(capacity, policy.aware)
 
 
 class PrefixLRU:
@@ -46,9 +57,11 @@ class PrefixLRU:
             od.move_to_end(k)
         return self.overflow()
 
-    def touch(self, key: int, stamp: float = 0.0) -> None:
+    def touch(self, key: int, stamp: float = 0.0, parent: Optional[int] = None,
+              depth: int = 0) -> None:
         """Mark ``key`` (present or not) most recently used at ``stamp`` (a clock shared
-        by the caches that compare ages); callers go deepest first."""
+        by the caches that compare ages); callers go deepest first. ``parent`` and
+        ``depth`` (its chain) are for ``AwareCache``; recency alone keeps LRU leaf-first."""
         self._od[key] = stamp
         self._od.move_to_end(key)
 

@@ -22,15 +22,19 @@ from sglang_tokenlake.sim.tokenlake import TokenLake
 from sglang_tokenlake.sim.workloads import Request, Workload
 
 POLICIES = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit")
-"""Every policy ``simulate`` knows, in report order."""
+"""The online policies, in report order (``simulate`` also knows ``belady``, the offline bound)."""
+ALL_POLICIES = POLICIES + ("belady",)
 
 
 def make_policy(name: str, cfg: SimConfig, cluster: Cluster) -> Policy:
-    """The policy ``name`` (one of ``POLICIES``) on ``cluster``."""
+    """The policy ``name`` (one of ``ALL_POLICIES``) on ``cluster``."""
     if name == "tokenlake":
         return TokenLake(cfg, cluster)
+    if name == "belady":
+        from sglang_tokenlake.sim.belady import Belady
+        return Belady(cfg, cluster)
     if name not in BASELINES:
-        raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
+        raise ValueError(f"unknown policy {name!r}; choose from {ALL_POLICIES}")
     return BASELINES[name](cfg, cluster)
 
 
@@ -114,6 +118,9 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
     cluster = Cluster(cfg.instances, cfg.compute)
     policy = make_policy(policy_name, cfg, cluster)
     res = RunResult(policy_name, cfg.instances, cfg.capacity_blocks)
+    prepare = getattr(policy, "prepare", None)
+    if prepare is not None:  # an offline policy learns the future
+        prepare(workload.requests)
     bytes_ = res.bytes
     first = workload.requests[0].arrival_s if workload.requests else 0.0
     for n, req in enumerate(workload.requests):

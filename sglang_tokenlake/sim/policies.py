@@ -13,6 +13,10 @@
 ``tokenlake``    the pool: placement + heavy hitters + dispatch (``sim/tokenlake.py``).
 ``limit``        one deduplicated LRU with the total capacity, free to use from anywhere,
                  least-loaded routing: the hit rate a pool could reach at best.
+``belady``       ``limit`` with the offline MIN eviction (``sim/belady.py``): the bound.
+
+``PolicyConfig.eviction`` (``--eviction``) sets the order of the pooled caches (``tokenlake``,
+``limit``, ``mooncake``): ``lru`` or ``aware`` (``sglang_tokenlake/eviction.py``).
 
 All caches are block-level radix LRUs (``PrefixLRU``); a request hits the longest
 prefix of its full blocks that its cache holds, then touches/inserts all of them.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from sglang_tokenlake.sim.cache import PrefixLRU
+from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
 from sglang_tokenlake.sim.routing import CacheAwareConfig, CacheAwareRouter
@@ -143,7 +147,7 @@ class Limit(Policy):
 
     def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
         super().__init__(cfg, cluster)
-        self.cache = PrefixLRU(cfg.capacity_blocks * cfg.instances)
+        self.cache = new_cache(cfg.capacity_blocks * cfg.instances, cfg.policy)
 
     def serve(self, req: Request, now: float) -> Outcome:
         full = self.full(req)

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-ORDER = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit")
+ORDER = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit", "belady")
 
 Cells = dict[tuple[int, float], dict[str, dict]]
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from sglang_tokenlake.dispatch import Mode
 from sglang_tokenlake.placement import Placement
 from sglang_tokenlake.policy import PoolPolicy
-from sglang_tokenlake.sim.cache import PrefixLRU
+from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
 from sglang_tokenlake.sim.policies import Policy
@@ -80,7 +80,7 @@ class TokenLake(Policy):
         super().__init__(cfg, cluster)
         self.ids = cluster.ids
         self.index = {w: i for i, w in enumerate(self.ids)}
-        self.caches = {w: PrefixLRU(cfg.capacity_blocks) for w in self.ids}
+        self.caches = {w: new_cache(cfg.capacity_blocks, cfg.policy) for w in self.ids}
         # Members weigh their capacity in tokens (equal here: homes do not depend on it;
         # the replica budget is a share of its sum).
         members = dict.fromkeys(self.ids, float(cfg.capacity_blocks * self.seg))
@@ -178,15 +178,16 @@ class TokenLake(Policy):
         stamp = horizons.clock
         for i in range(len(full) - 1, -1, -1):
             key = full[i]
+            par = full[i - 1] if i else None
             holders = loc.get(key)
             w = serving.get(key)
             if w is not None and holders and w in holders:
-                caches[w].touch(key, stamp)
+                caches[w].touch(key, stamp, par, i)
                 touched.add(w)
                 continue
             if holders:  # recomputed although cached somewhere: refresh those copies
                 for h in holders:
-                    caches[h].touch(key, stamp)
+                    caches[h].touch(key, stamp, par, i)
                     touched.add(h)
                 continue
             targets = pol.place(key, horizons)
@@ -195,7 +196,7 @@ class TokenLake(Policy):
                 self.parent[key] = full[i - 1]
                 self.nkids[full[i - 1]] += 1
             for t in targets:
-                caches[t].touch(key, stamp)
+                caches[t].touch(key, stamp, par, i)
                 if choices > 1:
                     self._evict(t)  # keep horizons current for the next choice
                 else:
@@ -261,7 +262,7 @@ class TokenLake(Policy):
             for t in homes(key, c):
                 if t not in holders:
                     holders.add(t)
-                    caches[t].touch(key, self.horizons.clock)
+                    caches[t].touch(key, self.horizons.clock, self.parent.get(key))
                     touched.add(t)
                     moved += seg_b
                     self._replicas_made += 1

@@ -8,7 +8,8 @@
 
 Incoming messages are validated (``frames.decode``) before a handler runs;
 malformed ones are counted, logged (rate-limited) and dropped, and the broker
-keeps serving. A handler gets a ``Request`` whose ``reply`` may be called from
+keeps serving. A frame larger than ``max_frame_bytes`` (ZeroMQ ``MAXMSGSIZE``)
+is never buffered: ZeroMQ drops the sender's connection. A handler gets a ``Request`` whose ``reply`` may be called from
 any thread, once: replies travel to the broker thread through an inproc
 socket, because ZeroMQ sockets must not be shared between threads.
 """
@@ -24,22 +25,38 @@ from typing import Any, Optional
 
 import zmq
 
-from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, decode, encode
+from sglang_tokenlake.transport.frames import (
+    MAX_HEADER_BYTES,
+    Buffer,
+    FrameError,
+    Message,
+    decode,
+    encode,
+)
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[["Request"], None]
+# Frames of a broker without KV traffic: headers only. A pool's broker is given the
+# size of its largest legitimate frame (``pool.limits.max_frame_bytes``).
+DEFAULT_MAX_FRAME_BYTES = MAX_HEADER_BYTES + 4096
 _ids = itertools.count()
 
 
 class Request:
-    """One received message and the way back to its sender."""
+    """One received message and the way back to its sender.
 
-    __slots__ = ("msg", "peer", "_broker", "_done")
+    ``user``: the public key (z85) that authenticated the connection, as ZAP
+    reported it; None on a broker without CURVE.
+    """
 
-    def __init__(self, msg: Message, peer: bytes, broker: Broker) -> None:
+    __slots__ = ("msg", "peer", "user", "_broker", "_done")
+
+    def __init__(self, msg: Message, peer: bytes, broker: Broker,
+                 user: Optional[str] = None) -> None:
         self.msg = msg
         self.peer = peer
+        self.user = user
         self._broker = broker
         self._done = False
 
@@ -67,6 +84,7 @@ class Broker:
         curve_public_key: Optional[bytes] = None,
         authenticator: Optional[Any] = None,
         rcv_hwm: int = 4096,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         name: str = "tokenlake-broker",
     ) -> None:
         self.endpoint = endpoint
@@ -77,6 +95,7 @@ class Broker:
         self._curve = (curve_public_key, curve_secret_key) if curve_secret_key else None
         self._authenticator = authenticator
         self._rcv_hwm = rcv_hwm
+        self.max_frame_bytes = max_frame_bytes
         self._inproc = f"inproc://tokenlake-outbox-{id(self)}-{next(_ids)}"
         self._local = threading.local()
         self._push_sockets: list[zmq.Socket] = []
@@ -138,6 +157,7 @@ class Broker:
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.RCVHWM, self._rcv_hwm)
             router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            router.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
             if self._curve is not None:
                 router.curve_server = True
                 router.curve_publickey, router.curve_secretkey = self._curve
@@ -189,8 +209,14 @@ class Broker:
         except FrameError as e:
             self._malformed(str(e))
             return
+        user = None
+        if self._curve is not None:
+            try:
+                user = frames[1].get("User-Id") or None
+            except zmq.ZMQError:
+                user = None
         try:
-            self.handlers[msg.kind](Request(msg, peer, self))
+            self.handlers[msg.kind](Request(msg, peer, self, user))
         except Exception:
             self.counters["handler_errors"] += 1
             logger.exception("%s: handler for %r failed", self.name, msg.kind)

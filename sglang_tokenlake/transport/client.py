@@ -37,7 +37,12 @@ class Client:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if curve is not None:
-            self.sock.curve_serverkey = curve.server_public
+            server = curve.server_key(endpoint)
+            if server is None:
+                self.sock.close(linger=0)
+                raise ValueError(f"no certificate for the broker {endpoint} in {curve.directory} "
+                                 "(its worker's .key file, naming it as member)")
+            self.sock.curve_serverkey = server
             self.sock.curve_publickey = curve.public
             self.sock.curve_secretkey = curve.secret
         self.sock.connect(endpoint)

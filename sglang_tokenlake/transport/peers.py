@@ -6,8 +6,10 @@
          ▲                                                      │
          └──────────── Future resolved with the reply ◀─────────┘
 
-Each peer gets a DEALER socket; replies are matched to requests by id and
-resolve a ``concurrent.futures.Future``. A request that gets no reply within
+Each peer gets a DEALER socket; replies are matched to requests by id and by
+the socket they came back on (a peer cannot answer a request sent to another
+peer), and resolve a ``concurrent.futures.Future``. With CURVE a socket is
+opened only to a peer whose public key the pool's key directory holds. A request that gets no reply within
 its timeout fails with ``TimeoutError``; a late reply is dropped. The number of
 requests in flight is bounded (``max_inflight``): beyond it ``request`` fails
 at once with ``BackPressure`` instead of queueing without limit. Every
@@ -74,7 +76,8 @@ class PeerAgent:
         self._ready = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.counters = {"sent": 0, "replies": 0, "timeouts": 0, "errors": 0, "bytes_sent": 0,
-                         "bytes_received": 0, "rejected_backpressure": 0}
+                         "bytes_received": 0, "rejected_backpressure": 0,
+                         "replies_wrong_peer": 0, "refused_no_key": 0}
 
     # -- life cycle ------------------------------------------------------------
 
@@ -151,8 +154,15 @@ class PeerAgent:
         s.setsockopt(zmq.RCVHWM, 1000)
         s.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a peer that is not connected
         if self.curve is not None:
-            server_pub, own_pub, own_sec = self.curve
-            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_pub, own_pub, own_sec
+            server_pub = self.curve.server_key(peer)
+            if server_pub is None:
+                s.close(linger=0)
+                self.counters["refused_no_key"] += 1
+                logger.warning("%s: no key for %s in %s: not connecting to it", self.name, peer,
+                               self.curve.directory)
+                return
+            s.curve_serverkey = server_pub
+            s.curve_publickey, s.curve_secretkey = self.curve.public, self.curve.secret
         s.connect(endpoint if "://" in endpoint else f"tcp://{endpoint}")
         self._sockets[peer] = s
         self._by_socket[s] = peer
@@ -248,6 +258,10 @@ class PeerAgent:
                 self.counters["errors"] += 1
                 logger.warning("%s: malformed reply from %s: %s", self.name, self._by_socket.get(sock), e)
                 continue
+            entry = self._pending.get(msg.id)
+            if entry is not None and entry[2] != self._by_socket.get(sock):
+                self.counters["replies_wrong_peer"] += 1
+                continue  # an answer to a request this peer was never sent
             self.counters["replies"] += 1
             if msg.kind == "error":
                 self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))

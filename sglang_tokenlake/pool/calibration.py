@@ -1,0 +1,145 @@
+"""What this worker measures about itself and its links, for dispatch's time model.
+
+Each figure is an exponentially weighted average of cheap measurements taken
+on the way::
+
+    prefill s/token   this worker's own extend passes        (scheduler thread)
+    RTT per peer      heartbeat round trips                  (peer agent thread)
+    bandwidth / peer  sizes and durations of pulls            (peer agent thread)
+    attention cost    partial attention served as an owner   (broker thread)
+
+Until a figure has a measurement, the prior (``dispatch.Costs`` defaults) is
+used; a figure pinned by a flag is never replaced (tests, or operators who know
+better). ``costs()`` hands dispatch a ``Costs`` built from the current values.
+Every update is one float assignment, so readers on other threads never see a
+torn value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Optional
+
+from sglang_tokenlake.dispatch import Costs, Link
+
+ALPHA = 0.2  # weight of a new measurement
+MIN_TRANSFER_BYTES = 64 << 10  # smaller pulls measure round trips, not bandwidth
+
+
+class Average:
+    """Exponentially weighted average; the first sample sets it."""
+
+    __slots__ = ("value", "samples")
+
+    def __init__(self) -> None:
+        self.value: Optional[float] = None
+        self.samples = 0
+
+    def add(self, x: float, alpha: float = ALPHA) -> None:
+        if not math.isfinite(x) or x < 0:
+            return
+        self.value = x if self.value is None else (1 - alpha) * self.value + alpha * x
+        self.samples += 1
+
+    def get(self, default: float) -> float:
+        return default if self.value is None else self.value
+
+
+class Calibration:
+    """Measured costs of one worker.
+
+    Args:
+        prior: the costs used where nothing is measured yet.
+        prefill_s_per_token, rtt_s, bandwidth_Bps: pinned figures (None: measured).
+    """
+
+    def __init__(self, prior: Optional[Costs] = None, *,
+                 prefill_s_per_token: Optional[float] = None, rtt_s: Optional[float] = None,
+                 bandwidth_Bps: Optional[float] = None) -> None:
+        self.prior = prior if prior is not None else Costs()
+        self.pinned = {"prefill_s_per_token": prefill_s_per_token, "rtt_s": rtt_s,
+                       "bandwidth_Bps": bandwidth_Bps}
+        self.prefill = Average()
+        self.attention = Average()
+        self.rtt: dict[str, Average] = {}
+        self.bandwidth: dict[str, Average] = {}
+
+    # -- measurements ------------------------------------------------------------------
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.prefill.add(seconds / tokens)
+
+    def observe_rtt(self, peer: str, seconds: float) -> None:
+        self.rtt.setdefault(peer, Average()).add(seconds)
+
+    def observe_transfer(self, peer: str, nbytes: int, seconds: float) -> None:
+        """A pull of ``nbytes`` from ``peer`` took ``seconds`` (request to reply)."""
+        if nbytes < MIN_TRANSFER_BYTES:
+            return
+        rtt = self.rtt_of(peer)
+        self.bandwidth.setdefault(peer, Average()).add(nbytes / max(seconds - rtt, 1e-6))
+
+    def observe_attention(self, query_tokens: int, cached_tokens: int, seconds: float) -> None:
+        pairs = query_tokens * cached_tokens
+        if pairs > 0:
+            self.attention.add(seconds / pairs)
+
+    def forget(self, peer: str) -> None:
+        self.rtt.pop(peer, None)
+        self.bandwidth.pop(peer, None)
+
+    # -- current figures ----------------------------------------------------------------
+
+    def prefill_s_per_token(self) -> float:
+        pin = self.pinned["prefill_s_per_token"]
+        return pin if pin is not None else self.prefill.get(self.prior.recompute_s_per_token)
+
+    def rtt_of(self, peer: str) -> float:
+        pin = self.pinned["rtt_s"]
+        if pin is not None:
+            return pin
+        avg = self.rtt.get(peer)
+        return avg.get(self.prior.rtt_s) if avg is not None else self.prior.rtt_s
+
+    def bandwidth_of(self, peer: str) -> float:
+        pin = self.pinned["bandwidth_Bps"]
+        if pin is not None:
+            return pin
+        avg = self.bandwidth.get(peer)
+        return avg.get(self.prior.bandwidth_Bps) if avg is not None else self.prior.bandwidth_Bps
+
+    def costs(self, memory_pressure: float = 0.0) -> Costs:
+        peers = set(self.rtt) | set(self.bandwidth)
+        links = {p: Link(self.rtt_of(p), self.bandwidth_of(p)) for p in peers}
+        return replace(
+            self.prior,
+            recompute_s_per_token=self.prefill_s_per_token(),
+            attn_s_per_token_pair=self.attention.get(self.prior.attn_s_per_token_pair),
+            rtt_s=self.pinned["rtt_s"] if self.pinned["rtt_s"] is not None else self.prior.rtt_s,
+            bandwidth_Bps=(self.pinned["bandwidth_Bps"] if self.pinned["bandwidth_Bps"] is not None
+                           else self.prior.bandwidth_Bps),
+            links=links,
+            memory_pressure=min(1.0, max(0.0, memory_pressure)),
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """For ``tokenlake status`` and /metrics: the figures, and where they come from."""
+
+        def source(name: str, avg: Optional[Average]) -> str:
+            if self.pinned.get(name) is not None:
+                return "pinned"
+            return "measured" if avg is not None and avg.samples else "prior"
+
+        return {
+            "prefill_s_per_token": self.prefill_s_per_token(),
+            "prefill_source": source("prefill_s_per_token", self.prefill),
+            "attn_s_per_token_pair": self.attention.get(self.prior.attn_s_per_token_pair),
+            "attn_source": source("attn", self.attention),
+            "links": {p: {"rtt_s": self.rtt_of(p), "bandwidth_Bps": self.bandwidth_of(p),
+                          "rtt_samples": self.rtt[p].samples if p in self.rtt else 0,
+                          "bandwidth_samples": (self.bandwidth[p].samples
+                                                if p in self.bandwidth else 0)}
+                      for p in sorted(set(self.rtt) | set(self.bandwidth))},
+        }

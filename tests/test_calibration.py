@@ -1,0 +1,91 @@
+"""Dispatch's time model fed by measurements: averages, priors, pins, and what the live
+pool measures on its own (heartbeat round trips, pulls, prefill passes)."""
+
+from __future__ import annotations
+
+import pytest
+from pool_fakes import FakeNet, make_pool
+from test_pool_link import A, B, S, _match, _remote_setup, fake_req
+
+from sglang_tokenlake.dispatch import Costs, Link, Mode
+from sglang_tokenlake.pool.calibration import ALPHA, MIN_TRANSFER_BYTES, Average, Calibration
+
+
+def test_an_average_starts_at_its_first_sample_and_weights_new_ones():
+    a = Average()
+    assert a.get(7.0) == 7.0  # the prior until measured
+    a.add(1.0)
+    assert a.value == 1.0
+    a.add(2.0)
+    assert a.value == pytest.approx((1 - ALPHA) * 1.0 + ALPHA * 2.0)
+    a.add(float("nan"))
+    a.add(-1.0)  # nonsense is ignored
+    assert a.samples == 2
+
+
+def test_priors_until_measured_then_measurements_then_pins():
+    prior = Costs()
+    c = Calibration(prior)
+    assert c.costs() == Costs(links={})
+    c.observe_prefill(100, 0.5)
+    c.observe_rtt("p", 0.002)
+    c.observe_transfer("p", 1 << 20, 0.002 + (1 << 20) / 1e8)  # 1 MiB at 100 MB/s
+    c.observe_transfer("p", MIN_TRANSFER_BYTES - 1, 10.0)  # too small to tell bandwidth
+    got = c.costs(memory_pressure=0.25)
+    assert got.recompute_s_per_token == pytest.approx(0.005)
+    assert got.links == {"p": Link(pytest.approx(0.002), pytest.approx(1e8))}
+    assert got.link("other") == Link(prior.rtt_s, prior.bandwidth_Bps)
+    assert got.memory_pressure == 0.25
+    snap = c.snapshot()
+    assert snap["prefill_source"] == "measured" and snap["links"]["p"]["rtt_samples"] == 1
+    pinned = Calibration(prior, prefill_s_per_token=1e-3, rtt_s=5e-4, bandwidth_Bps=2e9)
+    pinned.observe_prefill(10, 1.0)
+    pinned.observe_rtt("p", 1.0)
+    got = pinned.costs()
+    assert got.recompute_s_per_token == 1e-3 and got.link("p") == Link(5e-4, 2e9)
+    assert got.link("never-seen") == Link(5e-4, 2e9)
+    assert pinned.snapshot()["prefill_source"] == "pinned"
+
+
+def test_heartbeats_and_pulls_calibrate_the_links_and_dispatch_uses_them():
+    net, hosts, tokens, keys, raw = _remote_setup("auto")
+    a = hosts[A]
+    cal = a.pool.calibration
+    assert B in cal.rtt and cal.rtt[B].samples >= 1  # heartbeats measured B's round trip
+    # Pin a round trip so slow that shipping to B loses to pulling, and a prefill so
+    # slow that recomputing loses too.
+    cal.pinned["rtt_s"] = 0.05
+    cal.pinned["prefill_s_per_token"] = 0.1
+    req = fake_req(tokens, max_new=64)
+    path, run, device = _match(a, keys, raw, tokens, req)
+    decided = a.pool.transfers._decisions.get(req)[1]
+    assert {d.mode for d, n in zip(decided, run) if n.value is None} == {Mode.PULL_KV}
+    loaded, _ = a.pool.transfers.load_back(req, run[-1], device, len(run) * S)
+    assert loaded == len(run) * S
+    assert a.pool.status()["calibration"]["links"][B]["rtt_s"] == 0.05
+    a.pool.forget(req)
+
+
+def test_a_worker_short_of_memory_ships_instead_of_pulling():
+    net = FakeNet()
+    hosts = make_pool(net, [A, B], remote_mode="auto", transient_copies=False, capacity=40,
+                      link_rtt=1e-6, link_bandwidth=1e7, prefill_cost=1e-3)
+    net.heartbeat()
+    a, b = hosts[A], hosts[B]
+    tokens = list(range(100, 132))
+    b.compute(tokens)
+    for h in hosts.values():
+        h.pool.poll()
+    from test_pool_link import chain
+
+    keys, raw = chain(tokens)
+    req = fake_req(tokens, max_new=4)
+    _match(a, keys, raw, tokens, req)
+    roomy = {d.mode for d in a.pool.transfers._decisions.get(req)[1]} - {Mode.LOCAL}
+    held = a.alloc_slots(a.free_tokens())  # running requests take A's free memory
+    assert held is not None and a.free_tokens() == 0
+    req2 = fake_req(tokens, max_new=4)
+    _match(a, keys, raw, tokens, req2)
+    pressed = {d.mode for d in a.pool.transfers._decisions.get(req2)[1]} - {Mode.LOCAL}
+    assert roomy == {Mode.PULL_KV} and pressed == {Mode.SHIP_QUERY}
+    a.free.extend(held.tolist())
