@@ -57,8 +57,12 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def free_port(avoid: Sequence[int] = (), start: int = 20000, end: int = 29000) -> int:
+def free_port(avoid: Sequence[int] = (), start: int = 10000, end: int = 20000) -> int:
     """A port p such that p and p + BROKER_PORT_OFFSET are free (the broker's default).
+
+    Below 21000: SGLang picks its own internal ports (nccl_port) at random in
+    22000-29999 while workers start, and may take a port handed out here but not
+    yet bound; the kernel's ephemeral ports start at 32768.
 
     ``avoid`` holds HTTP ports already handed out: neither p nor its broker port
     may collide with them or with their (not yet bound) broker ports.

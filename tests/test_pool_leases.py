@@ -75,6 +75,9 @@ def test_a_lease_is_granted_while_the_owner_scheduler_is_busy_both_ways():
                for k in shipped_at_b)
     a.pool.forget(req_a)
     b.pool.forget(req_b)
+    assert len(a.pool.remote.leases) == len(b.pool.remote.leases) == 1  # released, not yet ended
+    a.pool.poll()  # each owner's scheduler ends what was released
+    b.pool.poll()
     assert not a.pool.remote.leases and not b.pool.remote.leases
     check_all(hosts)
 
@@ -166,6 +169,7 @@ def test_a_lost_unlease_is_sent_again_until_the_owner_has_it():
     for _ in range(4):
         t[0] += 10.0
         a.pool.remote.releases.poll()
+    b.pool.poll()
     assert not b.pool.remote.leases and not a.pool.remote.releases.waiting
     assert a.pool.counters["unleases_retried"] == 2
     check_all(hosts)
@@ -220,6 +224,7 @@ def test_state_of_a_request_dropped_without_release_goes_and_its_leases_are_rele
     del req  # aborted while waiting: no release ever comes
     a.pool._next_lease_check = 0.0
     a.pool.poll()
+    b.pool.poll()
     assert len(a.pool.remote.plans) == 0 and len(a.pool.transfers._decisions) == 0
     assert not b.pool.remote.leases  # its lease was released
     check_all(hosts)
@@ -312,3 +317,25 @@ def test_a_lease_with_a_key_twice_or_too_many_keys_is_an_error():
     with pytest.raises(PeerError, match="exceed"):
         _lease(a, B, "big", list(range(MAX_MESSAGE_KEYS + 1)), [d]).result()
     assert not b.pool.remote.leases
+
+
+def test_an_unlease_queues_no_scheduler_job():
+    """Releasing is a mark on the broker thread, ended at the owner's next poll: a flood
+    of unleases cannot grow the owner's scheduler queue."""
+    net, hosts, tokens, keys, raw = _remote_setup("ship")
+    a, b = hosts[A], hosts[B]
+    req, _ = _ship(hosts, tokens, keys, raw)
+    b.pool.poll()  # pinned
+    b.held = []  # the owner's scheduler is busy
+    plan = a.pool.remote.plan_of(req)
+    for _ in range(100):
+        a.pool.agent.request(B, "unlease", {"from": A, "lease": plan.lease}).result()
+    assert b.held == [] and len(b.pool.remote.leases) == 1
+    with pytest.raises(PeerError, match="no such lease"):  # released: no more queries
+        _attend(a, B, plan.lease, [k for _, k in plan.owners[B]]).result()
+    b.run_held()
+    b.pool.poll()
+    assert not b.pool.remote.leases
+    assert all(n.lock_ref == 0 for n in b.tree.nodes.values() if n.value is not None)
+    a.pool.forget(req)
+    check_all(hosts)

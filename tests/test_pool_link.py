@@ -244,6 +244,7 @@ def test_ship_leases_the_owners_segments_until_the_request_leaves():
     assert all(b.tree.nodes[k].lock_ref > 0 for k in shipped)
     assert all(b.tree.nodes[k].value is not None for k in shipped)
     a.pool.forget(req)  # the request finished: unlease
+    b.pool.poll()  # the owner's scheduler ends the released lease
     assert not b.pool.remote.leases
     assert all(b.tree.nodes[k].lock_ref == 0 for k in shipped)
     check_all(hosts)

@@ -39,7 +39,7 @@ def _wait_pool_requests(workers, n: int) -> None:
 
 def test_hot_segments_get_replicas_and_cold_ones_do_not(workers):
     rng = random.Random(14)
-    model = workers[0].spec.model
+    ns = fetch_status(workers[0].broker_addr)["namespace"]  # the workers' key namespace
     hot = random_tokens(rng, 2 * SEG)  # two segments every request reads
     cold = random_tokens(rng, 4 * SEG)
     generate(workers[0].url, cold + [1], 2)
@@ -51,8 +51,8 @@ def test_hot_segments_get_replicas_and_cold_ones_do_not(workers):
         if i == 20:  # every worker hears the others' hotness (beacons) before replanning
             _wait_pool_requests(workers, 2 + i)
     assert all(o["meta_info"]["cached_tokens"] == 2 * SEG for o in outs[3:])
-    hot_keys = {f"{k:016x}" for k in segment_keys(hot, SEG, request_namespace(model))}
-    cold_keys = {f"{k:016x}" for k in segment_keys(cold, SEG, request_namespace(model))}
+    hot_keys = {f"{k:016x}" for k in segment_keys(hot, SEG, request_namespace(ns))}
+    cold_keys = {f"{k:016x}" for k in segment_keys(cold, SEG, request_namespace(ns))}
     seen: dict = {}
 
     def replicated() -> bool:

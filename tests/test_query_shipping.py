@@ -34,15 +34,17 @@ def pool(request, tiny_model, log_dir):
     # A worker frozen by a test (SIGSTOP) is thawed and stopped by running_pool.
     with running_pool(tiny_model, log_dir, 4, page_size=page, segment_size=SEGMENT[page],
                       stock=True, pool_args=args) as p:
+        # Keys as the workers make them: their namespace (model path and weights digest).
+        ns = fetch_status(p.workers[0].broker_addr)["namespace"]
         yield {"page": page, "seg": SEGMENT[page], "workers": p.workers, "stock": p.stock,
-               "model": tiny_model}
+               "namespace": ns}
 
 
 def _doc_with_owners(pool, n_owners: int, seed: int, n_seg: int = 6):
     """A document whose segments are homed on exactly ``n_owners`` of workers 0..2."""
     ws = pool["workers"]
     members = {w.broker_addr: 1.0 for w in ws}
-    seed_key = request_namespace(pool["model"])
+    seed_key = request_namespace(pool["namespace"])
     rng = random.Random(seed)
     for _ in range(20000):
         doc = random_tokens(rng, n_seg * pool["seg"] + 5)
@@ -57,7 +59,7 @@ def _compute_and_send_home(pool, doc) -> None:
     (designated there: the copies worker 0 puts to other homes have arrived)."""
     ws = pool["workers"]
     generate(ws[0].url, doc, 2)
-    keys = {f"{k:016x}" for k in segment_keys(doc, pool["seg"], request_namespace(pool["model"]))}
+    keys = {f"{k:016x}" for k in segment_keys(doc, pool["seg"], request_namespace(pool["namespace"]))}
     missing: set[str] = set()
 
     def at_homes() -> bool:
@@ -89,7 +91,7 @@ def test_outputs_identical_to_stock_with_prefix_split_over_owners(pool, n_owners
     served = [fetch_status(addr)["pool"]["counters"].get("attend_served", 0) for addr in owners]
     assert all(s > 0 for s in served)
     # The executor holds no copy of the remote prefix afterwards either.
-    prefix = {f"{k:016x}" for k in segment_keys(doc, seg, request_namespace(pool["model"]))}
+    prefix = {f"{k:016x}" for k in segment_keys(doc, seg, request_namespace(pool["namespace"]))}
     assert not prefix & set(st["designated_keys"] + st["transient_keys"])
     assert_memory_invariant(wait_idle_status(ws[3].broker_addr))
 

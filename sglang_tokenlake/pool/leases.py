@@ -10,7 +10,8 @@ Owner side, ``LeaseTable``::
               that went in between breaks its lease; the requester's next query is
               refused and its request starts over.
     attend    broker thread: a query may touch only its lease's keys; use renews it
-    unlease   scheduler thread: unlock, forget
+    unlease   broker thread marks it released (no job queued); the scheduler thread
+              unlocks and forgets it at its next settle
     expiry    a lease unused for ``ttl`` seconds is dropped (its requester died, or
               every unlease it sent was lost)
     flush     every lease ends without unlocking: the tree it pinned is gone
@@ -75,6 +76,7 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._pending: list[str] = []
+        self._released: list[str] = []
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -114,7 +116,7 @@ class LeaseTable:
     def use(self, lease_id: str, peer: str, keys: Sequence[int]) -> Optional[str]:
         """An ``attend`` of ``peer`` under ``lease_id`` touches ``keys``: allowed? (renews it)"""
         lease = self._leases.get(lease_id)
-        if lease is None or lease.peer != peer:
+        if lease is None or lease.peer != peer or lease.state == "released":
             return "no such lease"
         if lease.state == BROKEN:
             return "the lease lost a segment before it was pinned"
@@ -123,7 +125,24 @@ class LeaseTable:
         lease.expires = self.clock() + self.ttl
         return None
 
+    def release(self, lease_id: str, peer: str) -> None:
+        """``peer`` is done with ``lease_id``: ended at the next ``settle`` (idempotent)."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.peer == peer and lease.state != "released":
+                lease.state = "released"
+                self._released.append(lease_id)
+
     # -- scheduler thread ------------------------------------------------------------
+
+    def settle(self) -> None:
+        """End the leases released since the last call, pin the ones granted since."""
+        if self._released:
+            with self._lock:
+                released, self._released = self._released, []
+            for lease_id in released:
+                self.drop(lease_id)
+        self.pin()
 
     def pin(self) -> None:
         """Lock the nodes of leases granted since the last call."""
@@ -158,7 +177,7 @@ class LeaseTable:
             if lease is None or (peer is not None and lease.peer != peer):
                 return False
             del self._leases[lease_id]
-        if lease.state == PINNED:
+        if lease.nodes:  # pinned (a released lease may have been)
             for n in lease.nodes:
                 self.tree.unlock(n)
         lease.nodes = []

@@ -290,7 +290,7 @@ class PoolLink:
 
     def before_free(self) -> None:
         """Before anything frees slots (eviction, drops): pin the leases granted since."""
-        self.remote.leases.pin()
+        self.remote.leases.settle()
 
     def on_flush(self) -> None:
         """The cache was flushed (its tree replaced, every slot freed; scheduler thread).
@@ -309,7 +309,7 @@ class PoolLink:
                 self.index.request_sync(peer)
 
     def poll(self) -> None:
-        self.remote.leases.pin()
+        self.remote.leases.settle()
         now = time.monotonic()
         tick = self.tree.clock
         if not self._clock_marks or (tick != self._clock_marks[-1][0]

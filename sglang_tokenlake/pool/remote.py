@@ -376,7 +376,7 @@ class RemoteAttention:
                 self.counters.add("malformed")
                 req.error("unlease: needs a lease id")
                 return
-            self.host.submit(lambda: self.leases.drop(lease, peer))
+            self.leases.release(lease, peer)  # ended by the scheduler at its next poll
             req.reply("ok")  # also for a lease unknown here: releasing is idempotent
 
         def on_attend(req: Any) -> None:
