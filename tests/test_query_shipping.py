@@ -189,7 +189,13 @@ def test_flush_on_the_owner_mid_request_never_gives_a_wrong_token(pool):
     import requests
 
     ws, stock = pool["workers"], pool["stock"]
-    doc, owners = _doc_with_owners(pool, 1, seed=400)
+    # Not the owner the test above froze: worker 3 avoids it for a while (suspected).
+    frozen = _doc_with_owners(pool, 1, seed=300)[1]
+    seed = 400
+    doc, owners = _doc_with_owners(pool, 1, seed=seed)
+    while owners == frozen:
+        seed += 1
+        doc, owners = _doc_with_owners(pool, 1, seed=seed)
     _compute_and_send_home(pool, doc)
     owner = next(w for w in ws if w.broker_addr == owners[0])
     ids = doc + [21, 22, 23]
