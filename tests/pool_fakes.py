@@ -120,14 +120,10 @@ class FakeHost:
         """SGLang's flush_cache, as TokenLakeCache.reset does it: every slot back to the
         allocator, a new tree."""
         if self.pool is not None:
-            self.pool.on_evicted([n for n in self.tree.nodes.values() if n.value is not None])
-        with self.slot_mutex:
+            self.pool.flush(self.tree.reset)
+        else:
             self.tree.reset()
-            if self.pool is not None:
-                self.pool.remote.leases.end_all()
         self.free = list(range(1, self.capacity + 1))
-        if self.pool is not None:
-            self.pool.on_flush()
 
     # -- what the adapter does around the pool -------------------------------------------
 

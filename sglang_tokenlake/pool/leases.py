@@ -36,7 +36,7 @@ from sglang_tokenlake.tree import SegmentNode, SegmentTree
 DIGEST_BYTES = 16
 MAX_LEASES_PER_PEER = 4096
 
-GRANTED, PINNED, BROKEN = "granted", "pinned", "broken"
+GRANTED, PINNED, BROKEN, RELEASED = "granted", "pinned", "broken", "released"
 
 
 def token_digest(tokens: bytes) -> bytes:
@@ -116,7 +116,7 @@ class LeaseTable:
     def use(self, lease_id: str, peer: str, keys: Sequence[int]) -> Optional[str]:
         """An ``attend`` of ``peer`` under ``lease_id`` touches ``keys``: allowed? (renews it)"""
         lease = self._leases.get(lease_id)
-        if lease is None or lease.peer != peer or lease.state == "released":
+        if lease is None or lease.peer != peer or lease.state == RELEASED:
             return "no such lease"
         if lease.state == BROKEN:
             return "the lease lost a segment before it was pinned"
@@ -129,8 +129,8 @@ class LeaseTable:
         """``peer`` is done with ``lease_id``: ended at the next ``settle`` (idempotent)."""
         with self._lock:
             lease = self._leases.get(lease_id)
-            if lease is not None and lease.peer == peer and lease.state != "released":
-                lease.state = "released"
+            if lease is not None and lease.peer == peer and lease.state != RELEASED:
+                lease.state = RELEASED
                 self._released.append(lease_id)
 
     # -- scheduler thread ------------------------------------------------------------

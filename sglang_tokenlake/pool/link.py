@@ -292,13 +292,19 @@ class PoolLink:
         """Before anything frees slots (eviction, drops): pin the leases granted since."""
         self.remote.leases.settle()
 
-    def on_flush(self) -> None:
-        """The cache was flushed (its tree replaced, every slot freed; scheduler thread).
+    def flush(self, reset_tree: Callable[[], None]) -> None:
+        """Flush the cache (scheduler thread): retract what this worker held, replace
+        its tree with ``reset_tree`` and end the leases granted on the old one under
+        the slot mutex, then ``on_flush``. The caller frees every slot."""
+        self.on_evicted([n for n in self.tree.nodes.values() if n.value is not None])
+        with self.host.slot_mutex:
+            reset_tree()
+            self.remote.leases.end_all()
+        self.on_flush()
 
-        Leases end (requesters' next queries are refused and their requests start
-        over), pending work on old nodes is dropped, and what peers hold is synced
-        again: the new tree knows nothing.
-        """
+    def on_flush(self) -> None:
+        """After a flush: requesters' next queries are refused (their requests start
+        over), pending work on old nodes is dropped, peers' indexes are synced again."""
         self.remote.end_all()
         self.transfers.reset()
         self.index.reset()

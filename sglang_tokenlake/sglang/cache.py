@@ -112,15 +112,12 @@ class TokenLakeCache(BasePrefixCache):
         """SGLang's flush_cache (every weight update too): the tree starts empty and the
         allocator takes every slot back. The pool retracts what this worker held, ends
         the leases it granted (they pinned nodes of the old tree) and syncs again."""
-        if self.pool is not None:
-            self.pool.on_evicted([n for n in self.tree.nodes.values() if n.value is not None])
-        with self.slot_mutex:
-            self.tree.reset()
-            if self.pool is not None:
-                self.pool.remote.leases.end_all()
         self._observed.clear()
         if self.pool is not None:
-            self.pool.on_flush()
+            self.pool.flush(self.tree.reset)
+        else:
+            with self.slot_mutex:
+                self.tree.reset()
         self.root_node = self.tree.root
         self._empty_match = MatchResult(
             device_prefix_len=0,
