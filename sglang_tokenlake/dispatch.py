@@ -92,6 +92,9 @@ class Link(NamedTuple):
 
     rtt_s: float
     bandwidth_Bps: float
+    ship_rtt_s: float = 0.0
+    """Measured seconds from shipping one layer's queries to this owner to its partial
+    (its queueing and compute included); 0 while unmeasured (``rtt_s`` is used)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class Costs:
 
     def pull_s(self, shape: ModelShape, tokens: int, worker: str = "") -> float:
         """Seconds to pull ``tokens`` tokens of KV from ``worker``, memory included."""
-        rtt, bw = self.link(worker)
+        rtt, bw, _ = self.link(worker)
         memory = (self.memory_pressure * self.evicted_reuse * tokens
                   * self.recompute_s_per_token)
         return rtt + shape.kv_bytes(tokens) / bw + memory
@@ -132,8 +135,8 @@ class Costs:
                cached_tokens: int) -> float:
         """Seconds to ship ``query_tokens`` queries over ``passes`` forward passes to
         ``worker``, which attends them to ``cached_tokens`` of its segments."""
-        rtt, bw = self.link(worker)
-        return (rtt * shape.layers * passes + shape.query_bytes(query_tokens) / bw
+        rtt, bw, ship_rtt = self.link(worker)
+        return (max(rtt, ship_rtt) * shape.layers * passes + shape.query_bytes(query_tokens) / bw
                 + self.attn_s_per_token_pair * query_tokens * cached_tokens)
 
     def recompute_s(self, tokens: int) -> float:

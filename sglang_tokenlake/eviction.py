@@ -177,7 +177,10 @@ class AwareCache:
         return None
 
     def oldest_stamp(self) -> float:
-        """Last-use stamp of the next victim; -inf while the cache has free room."""
+        """Last-use stamp of the next victim; -inf while the cache has free room, +inf
+        when it has no room at all."""
+        if self.capacity <= 0:
+            return float("inf")
         if len(self._d) < self.capacity or not self._d:
             return float("-inf")
         x = self._top()

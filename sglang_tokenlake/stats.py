@@ -17,6 +17,7 @@ class CacheStats:
     hit_tokens: int = 0
     miss_tokens: int = 0
     lookups: int = 0
+    lookup_memo_hits: int = 0  # lookups that reused the request's key chain
     inserted_segments: int = 0
     duplicate_segments: int = 0
     evicted_segments: int = 0

@@ -267,3 +267,26 @@ def test_accounting_reads_the_attached_schedulers_live_requests():
     cache._scheduler = SimpleNamespace(
         invariant_checker=SimpleNamespace(_requests_owning_rows=lambda: [a]))
     assert cache.check_integrity()["unaccounted"] == b.kv.kv_allocated_len
+
+
+def test_a_waiting_request_matched_again_reuses_its_key_chain():
+    # The scheduler matches a waiting request every round; its chain is hashed once,
+    # and a longer key (the request grew) or another request is hashed afresh.
+    cache, sched, alloc = make(capacity=256, segment_size=8)
+    done = FakeReq("a", list(range(1, 34)))
+    sched.admit(done)
+    sched.finish(done)
+    waiting = FakeReq("b", list(range(1, 34)) + [99])
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+    key = _key(list(waiting.origin_input_ids))
+    first = cache.match_prefix(MatchPrefixParams(key=key, req=waiting))
+    again = cache.match_prefix(MatchPrefixParams(key=key, req=waiting))
+    assert cache.stats.lookup_memo_hits == 1
+    assert first.device_prefix_len == again.device_prefix_len == 32
+    assert first.last_device_node is again.last_device_node
+    longer = _key(list(waiting.origin_input_ids) + [5] * 8)
+    cache.match_prefix(MatchPrefixParams(key=longer, req=waiting))
+    cache.match_prefix(MatchPrefixParams(key=key, req=FakeReq("c", list(range(1, 35)))))
+    assert cache.stats.lookup_memo_hits == 1
+    assert_invariant(cache, sched)

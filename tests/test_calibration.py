@@ -23,6 +23,21 @@ def test_an_average_starts_at_its_first_sample_and_weights_new_ones():
     assert a.samples == 2
 
 
+def test_shipped_query_round_trips_are_measured_per_owner_unless_rtt_is_pinned():
+    c = Calibration(Costs())
+    c.observe_rtt("p", 1e-4)
+    c.observe_ship("p", 0.01)
+    c.observe_ship("p", 0.02)
+    link = c.costs().link("p")
+    assert link.rtt_s == pytest.approx(1e-4)
+    assert link.ship_rtt_s == pytest.approx((1 - ALPHA) * 0.01 + ALPHA * 0.02)
+    assert c.snapshot()["links"]["p"]["ship_samples"] == 2
+    c.pinned["rtt_s"] = 5e-4  # a pinned round trip is used for shipping too
+    assert c.costs().link("p") == Link(5e-4, Costs().bandwidth_Bps, 0.0)
+    c.forget("p")
+    assert "p" not in c.ship_rtt
+
+
 def test_priors_until_measured_then_measurements_then_pins():
     prior = Costs()
     c = Calibration(prior)

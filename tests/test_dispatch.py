@@ -80,6 +80,18 @@ def test_each_owner_is_timed_over_its_own_link():
     assert [(a.worker, a.mode) for a in got] == [("e", Mode.RECOMPUTE), ("b", Mode.PULL_KV)]
 
 
+def test_a_measured_slow_owner_loses_shipping_although_its_heartbeats_are_fast():
+    # b answers heartbeats in 1 us, but its shipped queries come back after 5 ms (it is
+    # busy with its own batches): 32 layers x 21 passes x 5 ms = 3.4 s > pulling.
+    locations = {1: {"b"}}
+    fast = Costs(links={"b": Link(1e-6, 25e9)})
+    assert _plan([1], locations, {}, new=10, out=20, costs=fast)[0].mode is Mode.SHIP_QUERY
+    busy = Costs(links={"b": Link(1e-6, 25e9, ship_rtt_s=5e-3)})
+    assert _plan([1], locations, {}, new=10, out=20, costs=busy)[0].mode is Mode.PULL_KV
+    assert busy.ship_s(SHAPE, "b", 30, 21, SEG) == pytest.approx(
+        5e-3 * 32 * 21 + SHAPE.query_bytes(30) / 25e9 + 3.4e-9 * 30 * SEG)
+
+
 def test_memory_pressure_makes_pulling_cost_its_evictions():
     # 1 query token, 10 steps at 10 us round trips: shipping 3.2 ms + bytes; pulling
     # 1.35 ms with free memory, but 1.35 ms + 0.5 x 256 x 103 us = 14.5 ms when every

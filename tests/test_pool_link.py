@@ -428,3 +428,31 @@ def test_a_pass_that_bypasses_the_attention_hook_commits_nothing():
     assert a.pool.counters["ship_unhooked_passes"] == 1
     a.pool.forget(req)
     check_all(hosts)
+
+
+def test_a_waiting_request_matched_again_keeps_its_decision(monkeypatch):
+    # SGLang matches a waiting request at every scheduling round: the second match
+    # reuses the decision and starts no second pull; another request, or the same
+    # one after PLAN_REUSE_S, is planned afresh.
+    from sglang_tokenlake.pool import transfers
+
+    net, hosts, tokens, keys, raw = _remote_setup("pull")
+    a = hosts[A]
+    req = fake_req(tokens)
+    _match(a, keys, raw, tokens, req)
+    first = a.pool.transfers._decisions.get(req)
+    gets = sum(1 for _, _, kind in net.sent if kind == "get")
+    assert gets >= 1
+    _match(a, keys, raw, tokens, req)
+    assert a.pool.transfers._decisions.get(req) is first
+    assert a.pool.counters["plans_reused"] == 1
+    assert sum(1 for _, _, kind in net.sent if kind == "get") == gets
+    other = fake_req(tokens)
+    _match(a, keys, raw, tokens, other)
+    assert a.pool.transfers._decisions.get(other) is not first
+    monkeypatch.setattr(transfers, "PLAN_REUSE_S", 0.0)
+    _match(a, keys, raw, tokens, req)
+    assert a.pool.transfers._decisions.get(req) is not first
+    assert a.pool.counters["plans_reused"] == 1
+    a.pool.forget(req)
+    a.pool.forget(other)

@@ -9,7 +9,7 @@ import pytest
 from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.segments import namespace_seed, segment_keys
 from sglang_tokenlake.sim.__main__ import main
-from sglang_tokenlake.sim.cache import PrefixLRU
+from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import POLICIES, simulate, time_stretch
@@ -201,6 +201,25 @@ def test_horizons_are_lru_ages_on_the_logical_clock():
     caches["a"].touch(2, 5)
     caches["b"].touch(3, 6)
     assert h["a"] == 4 and h["b"] == float("inf") and set(h) == {"a", "b"} and len(h) == 2
+
+
+def test_a_member_squeezed_to_no_room_is_never_a_placement_choice():
+    # Running requests hold all of `first`'s memory: its empty cache has no room, so a
+    # new segment goes to `second`, whose cache is full of old data. (Before, an empty
+    # cache of capacity 0 read as free room and won every choice, only to evict at once.)
+    cfg = SimConfig(4, 4, 256)
+    tl = TokenLake(cfg, Cluster(4, cfg.compute))
+    key = 12345
+    first, second = tl.policy.candidates(key)
+    for k in range(4):
+        tl.caches[second].touch(2000 + k, 1)
+    tl.pressure({tl.index[first]: 4 * 256})
+    assert tl.caches[first].capacity == 0 and tl.horizons[first] == float("-inf")
+    tl.horizons.clock = 10
+    tl._update([key], {}, tl.ids[0])
+    assert tl.loc[key] == {second}
+    for cache in (PrefixLRU(0), new_cache(0, PolicyConfig(eviction="aware"))):
+        assert cache.oldest_stamp() == float("inf")
 
 
 def test_pool_wide_leaf_first_keeps_a_parent_whose_child_is_elsewhere():

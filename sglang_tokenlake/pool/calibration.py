@@ -5,6 +5,7 @@ on the way::
 
     prefill s/token   this worker's own extend passes        (scheduler thread)
     RTT per peer      heartbeat round trips                  (peer agent thread)
+    ship RTT / peer   shipped queries to their partials      (peer agent thread)
     bandwidth / peer  sizes and durations of pulls            (peer agent thread)
     attention cost    partial attention served as an owner   (broker thread)
 
@@ -63,6 +64,7 @@ class Calibration:
         self.prefill = Average()
         self.attention = Average()
         self.rtt: dict[str, Average] = {}
+        self.ship_rtt: dict[str, Average] = {}
         self.bandwidth: dict[str, Average] = {}
 
     # -- measurements ------------------------------------------------------------------
@@ -73,6 +75,11 @@ class Calibration:
 
     def observe_rtt(self, peer: str, seconds: float) -> None:
         self.rtt.setdefault(peer, Average()).add(seconds)
+
+    def observe_ship(self, peer: str, seconds: float) -> None:
+        """One layer's queries shipped to ``peer`` came back as partials after ``seconds``:
+        unlike a heartbeat, this includes the owner's queueing and compute."""
+        self.ship_rtt.setdefault(peer, Average()).add(seconds)
 
     def observe_transfer(self, peer: str, nbytes: int, seconds: float) -> None:
         """A pull of ``nbytes`` from ``peer`` took ``seconds`` (request to reply)."""
@@ -88,6 +95,7 @@ class Calibration:
 
     def forget(self, peer: str) -> None:
         self.rtt.pop(peer, None)
+        self.ship_rtt.pop(peer, None)
         self.bandwidth.pop(peer, None)
 
     # -- current figures ----------------------------------------------------------------
@@ -103,6 +111,13 @@ class Calibration:
         avg = self.rtt.get(peer)
         return avg.get(self.prior.rtt_s) if avg is not None else self.prior.rtt_s
 
+    def ship_rtt_of(self, peer: str) -> float:
+        """Measured shipping round trip to ``peer``; 0 when unmeasured or RTT is pinned."""
+        if self.pinned["rtt_s"] is not None:
+            return 0.0
+        avg = self.ship_rtt.get(peer)
+        return avg.get(0.0) if avg is not None else 0.0
+
     def bandwidth_of(self, peer: str) -> float:
         pin = self.pinned["bandwidth_Bps"]
         if pin is not None:
@@ -111,8 +126,9 @@ class Calibration:
         return avg.get(self.prior.bandwidth_Bps) if avg is not None else self.prior.bandwidth_Bps
 
     def costs(self, memory_pressure: float = 0.0) -> Costs:
-        peers = set(self.rtt) | set(self.bandwidth)
-        links = {p: Link(self.rtt_of(p), self.bandwidth_of(p)) for p in peers}
+        peers = set(self.rtt) | set(self.bandwidth) | set(self.ship_rtt)
+        links = {p: Link(self.rtt_of(p), self.bandwidth_of(p), self.ship_rtt_of(p))
+                 for p in peers}
         return replace(
             self.prior,
             recompute_s_per_token=self.prefill_s_per_token(),
@@ -138,8 +154,10 @@ class Calibration:
             "attn_s_per_token_pair": self.attention.get(self.prior.attn_s_per_token_pair),
             "attn_source": source("attn", self.attention),
             "links": {p: {"rtt_s": self.rtt_of(p), "bandwidth_Bps": self.bandwidth_of(p),
+                          "ship_rtt_s": self.ship_rtt_of(p),
+                          "ship_samples": self.ship_rtt[p].samples if p in self.ship_rtt else 0,
                           "rtt_samples": self.rtt[p].samples if p in self.rtt else 0,
                           "bandwidth_samples": (self.bandwidth[p].samples
                                                 if p in self.bandwidth else 0)}
-                      for p in sorted(set(self.rtt) | set(self.bandwidth))},
+                      for p in sorted(set(self.rtt) | set(self.bandwidth) | set(self.ship_rtt))},
         }

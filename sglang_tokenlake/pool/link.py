@@ -96,6 +96,7 @@ class PoolLink:
                                self.counters, config.peer_timeout)
         self.transfers = Transfers(host, self, self.policy, self.index, self.agent, config,
                                    self.counters, self.known_sender, self.calibration)
+        self.server = self.transfers.server
         self.layout = self.transfers.layout
         self.remote = RemoteAttention(host, self, self.agent, config.query_timeout, self.counters,
                                       config.lease_ttl)
@@ -423,7 +424,7 @@ class PoolLink:
 
     def handlers(self) -> dict[str, Callable[[Request], None]]:
         return self.identities.guard({  # with CURVE: 'from' must match the key
-            "hello": self._on_hello, "get": self.transfers.on_get, "put": self.transfers.on_put,
+            "hello": self._on_hello, "get": self.server.on_get, "put": self.server.on_put,
             **self.remote.handlers(self.known_sender), **self.index.handlers()})
 
     def known_sender(self, req: Request) -> Optional[str]:

@@ -294,6 +294,13 @@ class RemoteAttention:
         buf = qs.view(torch.uint8).numpy().reshape(-1)
         self.counters.add("query_bytes", buf.nbytes)
         fut = self.agent.request(owner, "attend", header, [buf], timeout=self.query_timeout)
+        sent = time.monotonic()
+
+        def timed(f: Future) -> None:  # agent thread: the owner's answer, queueing included
+            if f.exception() is None:
+                self.calibration.observe_ship(owner, time.monotonic() - sent)
+
+        fut.add_done_callback(timed)
         return fut, entries
 
     def _unpack(self, msg: Any, entries: list, layer: Any, dtype: torch.dtype) -> list[Any]:

@@ -5,8 +5,7 @@ Writes: a full segment computed on a worker that is not its home is put there
 request's local prefix that live members hold form its remote run; each is
 shipped to (queries, remote.py), pulled (KV, here) or recomputed, as the
 dispatch rules say. A pull is all or nothing; anything that fails makes the
-request recompute. GETs are served on the broker thread under the slot mutex;
-PUTs are applied on the scheduler thread.
+request recompute. Peers' GETs and PUTs are served by ``kvserve.SegmentServer``.
 """
 
 from __future__ import annotations
@@ -18,9 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
-import torch
-
 from sglang_tokenlake import kvio
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.counters import Counters
@@ -28,10 +24,10 @@ from sglang_tokenlake.dispatch import Assignment, Mode, ModelShape
 from sglang_tokenlake.placement import homes
 from sglang_tokenlake.policy import PoolPolicy
 from sglang_tokenlake.pool.calibration import Calibration
-from sglang_tokenlake.pool.identity import put_key_mismatch
-from sglang_tokenlake.pool.index import IndexSync, chain_conflicts, int_list
+from sglang_tokenlake.pool.index import IndexSync, int_list
+from sglang_tokenlake.pool.kvserve import SegmentServer, wire_tensor
 from sglang_tokenlake.pool.leases import token_digest
-from sglang_tokenlake.pool.limits import MAX_PENDING_PUT_BYTES, JobGate, check_keys, max_frame_bytes
+from sglang_tokenlake.pool.limits import max_frame_bytes
 from sglang_tokenlake.pool.requests import RequestTable
 from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.segments import segment_bytes
@@ -45,14 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _wire_tensor(buf: memoryview) -> torch.Tensor:
-    """An aligned, writable uint8 tensor copy of a received buffer."""
-    out = torch.empty(buf.nbytes, dtype=torch.uint8)
-    out.numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
-    return out
-
-
 DECODE_STEPS_CAP = 256  # decode steps a request is expected to ship queries for, at most
+PLAN_REUSE_S = 0.5  # a waiting request matched again within this keeps its dispatch decision
 
 
 class Transfers:
@@ -93,9 +83,10 @@ class Transfers:
         self.ship_ok = True  # query shipping possible on this worker (set by the adapter)
         self._pulls: dict[int, tuple[Future, int, float]] = {}  # key -> (future, index, started)
         self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
-        self._decisions: RequestTable[tuple[tuple[int, ...], list[Assignment]]] = RequestTable()
+        self._decisions: RequestTable[tuple[tuple[int, ...], list[Assignment], float]] = RequestTable()
         self.drop: set[SegmentNode] = set()  # transient copies to drop once unlocked
-        self.puts = JobGate(host.submit, MAX_PENDING_PUT_BYTES, counters)  # KV bytes queued
+        self.server = SegmentServer(host, index, counters, known_sender)  # peers' gets and puts
+        self.puts = self.server.puts  # KV bytes queued by peers' puts
         # The largest frame a peer legitimately sends here (the broker's MAXMSGSIZE).
         self.max_frame_bytes = max_frame_bytes(self.seg_bytes, host.q_heads, self.layout.head_dim)
 
@@ -218,13 +209,23 @@ class Transfers:
         """Choose per remote segment ship / pull / recompute; cut the run at the first
         recompute (a hit must be one contiguous prefix) and prefetch what is pulled."""
         S = self.S
-        new_tokens = max(1, n_tokens - (local + len(run)) * S)
-        max_new = int(getattr(getattr(req, "sampling_params", None), "max_new_tokens", 0) or 0)
-        plan = self.assign(run, new_tokens, max_new)
-        cut = next((i for i, a in enumerate(plan) if a.mode is Mode.RECOMPUTE), len(plan))
-        run, plan = run[:cut], plan[:cut]
-        if req is not None and run:
-            self._decisions.set(req, (tuple(n.key for n in run), plan))
+        now = time.monotonic()
+        keys = tuple(n.key for n in run)
+        decided = self._decisions.get(req) if req is not None else None
+        if (decided is not None and decided[0] == keys and now - decided[2] < PLAN_REUSE_S
+                and all(a.mode is Mode.LOCAL or n.value is None for n, a in zip(run, decided[1]))):
+            # SGLang matches a waiting request again at every scheduling round: the
+            # same run decided moments ago keeps its decision (and its prefetches).
+            self.counters.add("plans_reused")
+            plan = decided[1]
+        else:
+            new_tokens = max(1, n_tokens - (local + len(run)) * S)
+            max_new = int(getattr(getattr(req, "sampling_params", None), "max_new_tokens", 0) or 0)
+            plan = self.assign(run, new_tokens, max_new)
+            cut = next((i for i, a in enumerate(plan) if a.mode is Mode.RECOMPUTE), len(plan))
+            run, plan = run[:cut], plan[:cut]
+            if req is not None and run:
+                self._decisions.set(req, (tuple(n.key for n in run), plan, now))
         self.prefetch([n for n, a in zip(run, plan) if a.mode is Mode.PULL_KV],
                       [a.worker for a in plan if a.mode is Mode.PULL_KV])
         return run
@@ -390,7 +391,7 @@ class Transfers:
             return False
         for j, ((node, tok), buf) in enumerate(zip(need, datas)):
             seg = slots[j * self.S : (j + 1) * self.S]
-            kvio.scatter(self.kvcache, seg, _wire_tensor(buf), self.layout)
+            kvio.scatter(self.kvcache, seg, wire_tensor(buf), self.layout)
             keys = [x.key for x in self.tree.path_to(node)]
             designated = self.view.designated(node, new_copy=True)
             _, adopted = self.tree.adopt(keys, (slots, j * self.S), tok, designated=designated)
@@ -416,82 +417,3 @@ class Transfers:
         for k, (fut, _, t0) in list(self._pulls.items()):
             if fut.done() and now - t0 > 30.0:
                 del self._pulls[k]  # prefetched but never used
-
-    # -- broker thread: handlers -------------------------------------------------------------
-
-    def on_get(self, req: Request) -> None:
-        keys = req.msg.header.get("keys")
-        if self.known_sender(req) is None:
-            return
-        why = check_keys(keys)
-        if why is not None:
-            self.counters.add("malformed")
-            req.error(f"get: {why}")
-            return
-        found, toks, bufs = [], [], []
-        with self.host.slot_mutex:
-            for k in keys:
-                node = self.tree.nodes.get(k)
-                value = node.value if node is not None else None
-                if value is None:
-                    found.append(False)
-                    continue
-                base, off = value
-                bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
-                toks.append(node.tokens)
-                found.append(True)
-        self.counters.add("served_segments", len(bufs))
-        self.counters.add("served_bytes", sum(b.nbytes for b in bufs))
-        req.reply("kv", {"found": found, "tokens": toks}, bufs)
-
-    def on_put(self, req: Request) -> None:
-        if self.known_sender(req) is None:
-            return
-        h, bufs = req.msg.header, req.msg.buffers
-        keys, segs, toks = h.get("keys"), h.get("segs"), h.get("tokens")
-        ok = (
-            check_keys(keys) is None and int_list(segs) and len(set(segs)) == len(segs)
-            and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
-            and all(0 <= i < len(keys) for i in segs)
-            and all(isinstance(t, bytes) and len(t) == self.S * 8 for t in toks)
-            and all(b.nbytes == self.seg_bytes for b in bufs)
-        )
-        if not ok:
-            self.counters.add("malformed")
-            req.error("put: malformed segments (keys, segs, tokens and KV buffers must agree)")
-            return
-        bad = put_key_mismatch(keys, segs, toks, self.S, h.get("seed"))
-        if bad is not None:  # a key that is not its tokens' chained hash: nothing is stored
-            self.counters.add("refused_put_key")
-            req.error(f"put: the key of segment {bad} does not match its tokens")
-            return
-        datas = [_wire_tensor(b) for b in bufs]
-
-        def job() -> None:
-            stored, held = 0, []
-            if chain_conflicts(self.tree, keys):
-                self.counters.add("refused_chain_conflicts")
-                req.error("put: the key chain disagrees with this worker's tree")
-                return
-            for i, tok, data in zip(segs, toks, datas):
-                node = self.tree.nodes.get(keys[i])
-                if node is not None and node.value is not None:
-                    if not node.designated:
-                        node.designated = True
-                        self.index.announce_node(node)
-                    held.append(i)
-                    continue
-                slots = self.host.alloc_slots(self.S)
-                if slots is None:
-                    self.counters.add("put_refused_full")
-                    break
-                kvio.scatter(self.kvcache, slots, data, self.layout)
-                self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
-                self.index.announce(list(keys[: i + 1]), [i])
-                stored += 1
-                held.append(i)
-            self.counters.add("stored_segments", stored)
-            req.reply("ok", {"stored": stored, "held": held})
-
-        if not self.puts.submit(job, sum(b.nbytes for b in bufs)):
-            req.error("put: busy (too much KV queued for this worker); try again later")

@@ -56,6 +56,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class _Lookup:
+    """A waiting request's key chain, reused while its key stays the same."""
+
+    __slots__ = ("n", "extra", "salt", "last", "keys", "raw", "observed")
+
+    def __init__(self, key: Any, keys: list[int], raw: bytes, observed: bool) -> None:
+        self.n, self.extra, self.salt = len(key), key.extra_key, key.cache_salt
+        self.last = int(key.token_ids[len(key) - 1])
+        self.keys, self.raw, self.observed = keys, raw, observed
+
+    def same_key(self, key: Any) -> bool:
+        return (len(key) == self.n and key.extra_key == self.extra
+                and key.cache_salt == self.salt and int(key.token_ids[len(key) - 1]) == self.last)
+
+
 class TokenLakeCache(BasePrefixCache):
     """A segment-level prefix cache with the BasePrefixCache contract."""
 
@@ -98,7 +113,10 @@ class TokenLakeCache(BasePrefixCache):
         self._empty = torch.empty((0,), dtype=torch.int64, device=self.device)
         self.pool: Optional[PoolLink] = None  # attached by the broker service (service.py)
         self.q_heads = 0  # query heads per worker (for dispatch byte costs); set by the factory
-        self._observed: RequestTable[bool] = RequestTable()  # requests counted by hotness
+        # Per waiting request: its last key chain (SGLang matches a waiting request again
+        # at every scheduling round; its tokens do not change meanwhile) and whether
+        # hotness counted it.
+        self._lookups: RequestTable[_Lookup] = RequestTable()
         self.slot_mutex = threading.Lock()  # held while tree slots are freed or read remotely
         self._wake: Optional[Callable[[], None]] = None  # wakes the scheduler's idle poller
         self._scheduler: Any = None  # SGLang's Scheduler, once it ran a hook
@@ -112,7 +130,7 @@ class TokenLakeCache(BasePrefixCache):
         """SGLang's flush_cache (every weight update too): the tree starts empty and the
         allocator takes every slot back. The pool retracts what this worker held, ends
         the leases it granted (they pinned nodes of the old tree) and syncs again."""
-        self._observed.clear()
+        self._lookups.clear()
         if self.pool is not None:
             self.pool.flush(self.tree.reset)
         else:
@@ -161,15 +179,23 @@ class TokenLakeCache(BasePrefixCache):
             raise ValueError("--cache-backend tokenlake does not support bigram (EAGLE) keys")
         if len(key) < self.segment_size:
             return self._empty_match
-        keys, raw = self._key_chain(key)
+        req = params.req
+        memo = self._lookups.get(req) if req is not None else None
+        if memo is None or not memo.same_key(key):
+            keys, raw = self._key_chain(key)
+            if req is not None:
+                memo = _Lookup(key, keys, raw, observed=memo is not None and memo.observed)
+                self._lookups.set(req, memo)
+        else:
+            keys, raw = memo.keys, memo.raw
+            self.stats.lookup_memo_hits += 1
         path = self.tree.match(keys, raw if self.config.verify_tokens else None)
         self.stats.lookups += 1
         run = self.pool.transfers.remote_run(keys, raw, len(path)) if self.pool is not None else []
         if run:
-            run = self.pool.transfers.plan_run(params.req, len(key), len(path), run)
-        req = params.req
-        if self.pool is not None and req is not None and req not in self._observed:
-            self._observed.set(req, True)  # one observation per request, not per scheduling round
+            run = self.pool.transfers.plan_run(req, len(key), len(path), run)
+        if self.pool is not None and memo is not None and not memo.observed:
+            memo.observed = True  # one observation per request, not per scheduling round
             self.pool.observe([n.key for n in path] + [n.key for n in run])
         if not path and not run:
             return self._empty_match
@@ -293,7 +319,7 @@ class TokenLakeCache(BasePrefixCache):
             self.check_integrity()
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
-        self._observed.pop(req)
+        self._lookups.pop(req)
         if self.pool is not None:
             self.pool.forget(req)
         if req.finished():
@@ -452,7 +478,7 @@ class TokenLakeCache(BasePrefixCache):
         now = time.monotonic()
         if now - self._last_gauge >= 1.0:
             self._last_gauge = now
-            self._observed.sweep()  # requests dropped without a release
+            self._lookups.sweep()  # requests dropped without a release
         if self.metrics is not None and now == self._last_gauge:
             self.metrics.set_occupancy(self.tree.cached_tokens, self.tree.local_nodes)
             if self.pool is not None:

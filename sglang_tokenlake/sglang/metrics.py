@@ -64,6 +64,13 @@ class TokenLakeMetrics:
             labelnames=[*names, "peer"],
             multiprocess_mode="mostrecent",
         )
+        self.link_ship_rtt = Gauge(
+            "sglang:tokenlake_link_ship_rtt_seconds",
+            "Round trip of one layer's shipped queries to a peer, its queueing and compute "
+            "included (0 until measured).",
+            labelnames=[*names, "peer"],
+            multiprocess_mode="mostrecent",
+        )
         self.link_bandwidth = Gauge(
             "sglang:tokenlake_link_bandwidth_bytes_per_second",
             "Bandwidth from a peer as dispatch's time model uses it (pulls).",
@@ -99,6 +106,7 @@ class TokenLakeMetrics:
         self.prefill_cost.set(snapshot["prefill_s_per_token"])
         for peer, link in snapshot["links"].items():
             self.link_rtt.labels(**self._labels, peer=peer).set(link["rtt_s"])
+            self.link_ship_rtt.labels(**self._labels, peer=peer).set(link["ship_rtt_s"])
             self.link_bandwidth.labels(**self._labels, peer=peer).set(link["bandwidth_Bps"])
 
     def observe_request(self, hit: int, miss: int) -> None:

@@ -66,7 +66,10 @@ class PrefixLRU:
         self._od.move_to_end(key)
 
     def oldest_stamp(self) -> float:
-        """Stamp of the least recently used key; -inf while the cache has free room."""
+        """Stamp of the least recently used key; -inf while the cache has free room, +inf
+        when it has no room at all (running requests hold all its memory)."""
+        if self.capacity <= 0:
+            return float("inf")
         if len(self._od) < self.capacity or not self._od:
             return float("-inf")
         return next(iter(self._od.values()))
