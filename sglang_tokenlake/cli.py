@@ -59,7 +59,7 @@ def _print_status(st: dict[str, Any]) -> None:
                   f"unleases waiting={leases['unleases_waiting']}")
         cal = p.get("calibration")
         if cal:
-            links = {peer: (f"rtt={1e3 * x['rtt_s']:.2f}ms ship={1e3 * x.get('ship_rtt_s', 0.0):.2f}ms "
+            links = {peer: (f"rtt={1e3 * x['rtt_s']:.2f}ms ship={1e3 * x['ship_rtt_s']:.2f}ms "
                              f"bw={x['bandwidth_Bps'] / 1e6:.0f}MB/s")
                      for peer, x in cal["links"].items()}
             print(f"        time model: prefill={1e3 * cal['prefill_s_per_token']:.3f}ms/token "

@@ -111,6 +111,10 @@ class Calibration:
         avg = self.rtt.get(peer)
         return avg.get(self.prior.rtt_s) if avg is not None else self.prior.rtt_s
 
+    def peers(self) -> set[str]:
+        """Peers with any measurement."""
+        return set(self.rtt) | set(self.bandwidth) | set(self.ship_rtt)
+
     def ship_rtt_of(self, peer: str) -> float:
         """Measured shipping round trip to ``peer``; 0 when unmeasured or RTT is pinned."""
         if self.pinned["rtt_s"] is not None:
@@ -126,9 +130,8 @@ class Calibration:
         return avg.get(self.prior.bandwidth_Bps) if avg is not None else self.prior.bandwidth_Bps
 
     def costs(self, memory_pressure: float = 0.0) -> Costs:
-        peers = set(self.rtt) | set(self.bandwidth) | set(self.ship_rtt)
         links = {p: Link(self.rtt_of(p), self.bandwidth_of(p), self.ship_rtt_of(p))
-                 for p in peers}
+                 for p in self.peers()}
         return replace(
             self.prior,
             recompute_s_per_token=self.prefill_s_per_token(),
@@ -159,5 +162,5 @@ class Calibration:
                           "rtt_samples": self.rtt[p].samples if p in self.rtt else 0,
                           "bandwidth_samples": (self.bandwidth[p].samples
                                                 if p in self.bandwidth else 0)}
-                      for p in sorted(set(self.rtt) | set(self.bandwidth) | set(self.ship_rtt))},
+                      for p in sorted(self.peers())},
         }

@@ -74,10 +74,11 @@ class Transfers:
         self.config = config
         self.counters = counters
         self.self_id = view.self_id
+        self.server = SegmentServer(host, index, counters, known_sender)  # peers' gets and puts
+        self.puts = self.server.puts  # KV bytes queued by peers' puts
         self.S = host.segment_size
-        self.kvcache = host.kv_store()
-        self.layout = kvio.layout_of(self.kvcache)
-        self.seg_bytes = self.S * self.layout.bytes_per_token()
+        self.kvcache, self.layout = self.server.kvcache, self.server.layout
+        self.seg_bytes = self.server.seg_bytes
         self.remote: Optional[RemoteAttention] = None  # set by the link
         self.calibration = calibration or Calibration()
         self.ship_ok = True  # query shipping possible on this worker (set by the adapter)
@@ -85,8 +86,6 @@ class Transfers:
         self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
         self._decisions: RequestTable[tuple[tuple[int, ...], list[Assignment], float]] = RequestTable()
         self.drop: set[SegmentNode] = set()  # transient copies to drop once unlocked
-        self.server = SegmentServer(host, index, counters, known_sender)  # peers' gets and puts
-        self.puts = self.server.puts  # KV bytes queued by peers' puts
         # The largest frame a peer legitimately sends here (the broker's MAXMSGSIZE).
         self.max_frame_bytes = max_frame_bytes(self.seg_bytes, host.q_heads, self.layout.head_dim)
 
