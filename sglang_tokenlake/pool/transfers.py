@@ -224,7 +224,7 @@ class Transfers:
             cut = next((i for i, a in enumerate(plan) if a.mode is Mode.RECOMPUTE), len(plan))
             run, plan = run[:cut], plan[:cut]
             if req is not None and run:
-                self._decisions.set(req, (tuple(n.key for n in run), plan, now))
+                self._decisions.set(req, (keys[:cut], plan, now))
         self.prefetch([n for n, a in zip(run, plan) if a.mode is Mode.PULL_KV],
                       [a.worker for a in plan if a.mode is Mode.PULL_KV])
         return run
