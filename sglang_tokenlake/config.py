@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
-from sglang_tokenlake.policy import PolicyConfig
+from sglang_tokenlake.policy import PLACEMENTS, PolicyConfig
 
 FLAG_PREFIX = "tokenlake"
 BROKER_PORT_OFFSET = 1000
@@ -144,8 +144,18 @@ class TokenLakeConfig:
     )
     placement_choices: int = _f(
         _POLICY.placement_choices,
-        "A new segment is kept by whichever of its best N rendezvous homes has the "
-        "largest eviction horizon (announced with heartbeats); 1 always uses the first.",
+        "With --tokenlake-placement segment or chain: a new segment (chain: the deepest of "
+        "a request's new segments) is kept by whichever of its best N rendezvous homes has "
+        "the largest eviction horizon (announced with heartbeats); 1 always uses the first.",
+    )
+    placement: str = _f(
+        _POLICY.placement,
+        "Where the segments a request adds to the pool are kept: executor (all on the "
+        "worker that computed them: nothing is sent, and a context stays whole on one "
+        "worker), chain (all at the home of the deepest) or segment (each at its own home, "
+        "spread over the pool). Any worker holding a segment may be its home except with "
+        "segment; when two hold one, the first in rendezvous order keeps it.",
+        choices=PLACEMENTS,
     )
     pool_leaf_first: bool = _f(
         _POLICY.pool_leaf_first,
@@ -285,6 +295,7 @@ class TokenLakeConfig:
             replica_budget=self.replica_budget, hot_window=self.hot_window, hot_k=self.hot_k,
             replan_every=self.replan_every, placement_choices=self.placement_choices,
             pool_leaf_first=self.pool_leaf_first, eviction=self.eviction,
+            placement=self.placement,
         )
 
     def peer_list(self) -> list[str]:

@@ -4,11 +4,16 @@ It decides, from what the pool knows (members, their eviction horizons, the
 pool-wide hotness view, where every segment is held, owner loads):
 
 - **placement**: where a new segment is kept. A hot segment (``copies > 1``)
-  goes to its ``copies`` best rendezvous homes. Any other segment goes to one
-  of its ``placement_choices`` best homes: the one whose oldest cached data is
-  oldest (the largest *eviction horizon*), so memory pressure spreads evenly
-  (two-choice placement); ties keep rendezvous order. A worker holding a copy
-  is a legitimate home (``is_home``) while it is one of those candidates.
+  goes to its ``copies`` best rendezvous homes. Any other segment, by the
+  ``placement`` rule: ``segment`` puts each at one of its ``placement_choices``
+  best homes, the one whose oldest cached data is oldest (the largest
+  *eviction horizon*), so memory pressure spreads evenly (two-choice
+  placement; ties keep rendezvous order); ``chain`` puts all of a request's new
+  segments at that home of its deepest one; ``executor`` keeps them on the
+  worker that computed them. With ``segment`` a worker's copy is a legitimate
+  home (``is_home``) while it is one of those candidates; with the other rules
+  any holder is, and when several hold one, the first ``copies`` of them in
+  rendezvous order keep theirs (``keeps``).
 - **replicas**: copies per hot segment from the heavy hitters' shares
   (``ReplicaPlanner`` under ``replica_budget`` of the pool's capacity).
 - **eviction**: the pool-wide leaf-first rule (``keep_last_copy``): the last
@@ -35,6 +40,8 @@ from sglang_tokenlake.eviction import AwareParams, check_eviction
 from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
 from sglang_tokenlake.placement import Placement
 
+PLACEMENTS = ("segment", "chain", "executor")
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -52,6 +59,10 @@ class PolicyConfig:
     placement_choices: int = 2
     """A new segment goes to whichever of its best ``placement_choices`` rendezvous
     homes has the largest eviction horizon (1: always the first home)."""
+    placement: str = "executor"
+    """Where a request's new segments are kept (``PLACEMENTS``): ``segment``, each at its
+    own two-choice home; ``chain``, all at the two-choice home of the deepest; ``executor``,
+    all where they were computed."""
     pool_leaf_first: bool = True
     """Keep the last copy of a segment whose children are cached somewhere."""
     eviction: str = "lru"
@@ -62,6 +73,9 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         check_eviction(self.eviction)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, "
+                             f"got {self.placement!r}")
         if not 0.0 <= self.replica_budget <= 1.0:
             raise ValueError(f"replica_budget must be in [0, 1], got {self.replica_budget}")
         if self.hot_window < 16 or self.hot_k < 2:
@@ -111,7 +125,11 @@ class PoolPolicy:
     # -- placement -------------------------------------------------------------------
 
     def candidates(self, key: int) -> list[str]:
-        """The members that may hold ``key`` as one of its homes (best first)."""
+        """The members that may hold ``key`` as one of its homes (best first): with
+        ``segment`` placement its best rendezvous homes, else every member (a chain is
+        kept wherever it was placed), ranked by rendezvous score."""
+        if self.cfg.placement != "segment":
+            return self.placement.homes(key, len(self.placement))
         c = self.copies.get(key, 1)
         return self.placement.homes(key, max(c, self.cfg.placement_choices))
 
@@ -121,14 +139,31 @@ class PoolPolicy:
             return True
         return member in self.candidates(key)
 
+    def keeps(self, key: int, member: str, holders: Collection[str]) -> bool:
+        """Is ``member``'s copy of ``key`` one of its designated copies, when ``holders``
+        (other members) hold it too? The first ``copies`` candidates holding it, in
+        rendezvous order, keep theirs, so any two holders agree on which stays."""
+        cands = self.candidates(key)
+        if member not in cands:
+            return False
+        ranked = [m for m in cands if m == member or m in holders]
+        return member in ranked[: self.copies.get(key, 1)]
+
+    def held_enough(self, key: int, holders: Collection[str]) -> bool:
+        """Do ``holders`` include as many of the candidates as ``key`` needs copies?"""
+        return sum(1 for m in self.candidates(key) if m in holders) >= self.copies.get(key, 1)
+
     def place(self, key: int, horizons: Mapping[str, float]) -> list[str]:
         """Where a new copy of ``key`` is kept: its homes if hot, else the candidate with
         the largest eviction horizon (missing horizons count as 0; ties: rendezvous order)."""
         c = self.copies.get(key, 1)
         if c > 1:
             return self.placement.homes(key, c)
+        return [self._roomiest_home(key, horizons)]
+
+    def _roomiest_home(self, key: int, horizons: Mapping[str, float]) -> str:
         if self.cfg.placement_choices <= 1:
-            return [self.placement.home(key)]
+            return self.placement.home(key)
         cands = self.placement.homes(key, self.cfg.placement_choices)
         best = cands[0]
         best_h = horizons.get(best, 0.0)
@@ -136,7 +171,24 @@ class PoolPolicy:
             h = horizons.get(m, 0.0)
             if h > best_h:
                 best, best_h = m, h
-        return [best]
+        return best
+
+    def place_run(self, keys: Sequence[int], executor: str,
+                  horizons: Mapping[str, float]) -> dict[int, list[str]]:
+        """Where the new copies of a request's uncached segments ``keys`` (root first) are
+        kept, by ``cfg.placement``; a hot segment always goes to its homes."""
+        if not keys:
+            return {}
+        rule = self.cfg.placement
+        if rule == "segment":
+            return {k: self.place(k, horizons) for k in keys}
+        if rule == "executor" and executor in self.placement.members:
+            run = [executor]
+        else:  # chain (or an executor outside the pool): the deepest segment's home
+            run = [self._roomiest_home(keys[-1], horizons)]
+        copies = self.copies
+        return {k: (self.placement.homes(k, copies[k]) if copies.get(k, 1) > 1 else run)
+                for k in keys}
 
     # -- replicas --------------------------------------------------------------------
 

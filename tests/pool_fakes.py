@@ -130,7 +130,7 @@ class FakeHost:
     def evict(self, tokens: int) -> list[SegmentNode]:
         keep = self.pool.keep_copy if self.pool is not None else None
         if self.pool is not None:
-            self.pool.before_free()
+            self.pool.before_free(tokens)
         dropped = self.tree.evict(tokens, keep)
         for node, (base, off) in dropped:
             self.free.extend(base[off : off + self.segment_size].tolist())

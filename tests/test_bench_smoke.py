@@ -120,6 +120,28 @@ def test_balancer_policies():
     assert ll.pick() == 2 and ll.pick() == 0  # 2 is idle; then 0 (released) beats busy 1
 
 
+def test_least_load_ties_go_to_the_worker_that_served_the_prefix():
+    import json
+
+    from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, affinity_key
+
+    doc = list(range(AFFINITY_TOKENS))
+    key = affinity_key(json.dumps({"input_ids": doc + [1, 2]}).encode())
+    assert key == affinity_key(json.dumps({"input_ids": doc + [7]}).encode())
+    assert key != affinity_key(json.dumps({"input_ids": [5] + doc}).encode())
+    assert affinity_key(b"not json") is None and affinity_key(b"[1]") is None
+    assert affinity_key(json.dumps({"text": "abc"}).encode()) is not None
+    ll = Balancer(3, "least_load")
+    assert ll.pick(key) == 0
+    ll.release(0)
+    assert ll.pick() == 1 and ll.pick(key) == 0  # idle 0 and 2 tie: 0 served the prefix
+    assert ll.pick(key) == 2  # 0 is busy now: load wins over affinity
+    ll.release(0), ll.release(1), ll.release(2)
+    assert ll.pick(key) == 2 and ll.affine == 2  # 2 served it last (0 was next in turn)
+    rr = Balancer(3, "round_robin")
+    assert [rr.pick(key) for _ in range(3)] == [0, 1, 2]
+
+
 def test_mismatch_detection_names_the_request():
     from sglang_tokenlake.bench.load import RequestRecord
     from sglang_tokenlake.bench.runner import ConfigResult

@@ -84,7 +84,7 @@ def test_heartbeats_and_pulls_calibrate_the_links_and_dispatch_uses_them():
 def test_a_worker_short_of_memory_ships_instead_of_pulling():
     net = FakeNet()
     hosts = make_pool(net, [A, B], remote_mode="auto", transient_copies=False, capacity=40,
-                      link_rtt=1e-6, link_bandwidth=1e7, prefill_cost=1e-3)
+                      link_rtt=1e-6, link_bandwidth=1e7, prefill_cost=1e-3, placement="segment")
     net.heartbeat()
     a, b = hosts[A], hosts[B]
     tokens = list(range(100, 132))

@@ -16,6 +16,7 @@ MEMBERS = {"a:1": 100.0, "b:2": 100.0, "c:3": 100.0, "d:4": 100.0}
 
 
 def policy(**kw) -> PoolPolicy:
+    kw.setdefault("placement", "segment")  # the per-segment rule unless a test names another
     return PoolPolicy(PolicyConfig(**kw), 16, MEMBERS)
 
 
@@ -38,6 +39,44 @@ def test_one_choice_is_strict_rendezvous():
         h = homes(key, MEMBERS, 1)
         assert pol.place(key, {m: float(i) for i, m in enumerate(MEMBERS)}) == h
         assert [m for m in MEMBERS if pol.is_home(key, m)] == h
+
+
+def test_a_run_of_new_segments_is_placed_by_the_configured_rule():
+    keys = list(range(40, 52))
+    horizons = {"a:1": 3.0, "b:2": 8.0, "c:3": 1.0, "d:4": 5.0}
+    seg = policy(placement="segment")
+    assert seg.place_run(keys, "c:3", horizons) == {k: seg.place(k, horizons) for k in keys}
+    chain = policy(placement="chain")
+    deepest = chain.place(keys[-1], horizons)
+    assert chain.place_run(keys, "c:3", horizons) == dict.fromkeys(keys, deepest)
+    ex = policy(placement="executor", replica_budget=0.5)
+    assert ex.place_run(keys, "c:3", horizons) == dict.fromkeys(keys, ["c:3"])
+    assert ex.place_run([], "c:3", horizons) == {}
+    # a hot segment still goes to its homes; an executor outside the pool does not keep
+    ex.plan_replicas({keys[3]: 0.6})
+    c = ex.copies[keys[3]]
+    out = ex.place_run(keys, "x:9", horizons)
+    assert out[keys[3]] == homes(keys[3], MEMBERS, c)
+    assert out[keys[0]] == ex.place(keys[-1], horizons)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        PolicyConfig(placement="nearest")
+
+
+def test_with_chain_placement_any_holder_is_a_home_and_holders_agree_on_one():
+    pol = policy(placement="executor")
+    for key in range(100):
+        ranked = homes(key, MEMBERS, 4)
+        assert pol.candidates(key) == ranked
+        assert all(pol.is_home(key, m) for m in MEMBERS)
+        a, b = ranked[1], ranked[3]
+        assert pol.keeps(key, a, {b}) and not pol.keeps(key, b, {a})
+        assert pol.keeps(key, b, set()) and pol.held_enough(key, {b})
+        assert not pol.held_enough(key, set())
+    seg = policy(placement="segment", placement_choices=2)
+    for key in range(100):
+        first, second, third, _ = homes(key, MEMBERS, 4)
+        assert seg.keeps(key, second, {third}) and not seg.keeps(key, third, set())
+        assert not seg.keeps(key, second, {first}) and not seg.held_enough(key, {third})
 
 
 def test_hot_segments_get_their_copies_and_report_changes():

@@ -202,6 +202,38 @@ def test_flush_on_the_owner_ends_its_leases_and_the_requester_starts_over():
     check_all(hosts)
 
 
+def test_a_lease_granted_after_admission_never_takes_the_room_an_eviction_needs():
+    """The owner's scheduler admitted work counting on its evictable segments; a peer's
+    lease granted meanwhile (broker thread) would pin them at the eviction. The lease is
+    broken instead: the eviction frees what it must, the requester starts over."""
+    net = FakeNet()
+    hosts = make_pool(net, [A, B], remote_mode="ship", transient_copies=False,
+                      placement="executor")
+    net.heartbeat()
+    a, b = hosts[A], hosts[B]
+    tokens = list(range(100, 132))
+    keys, raw = chain(tokens)
+    b.compute(tokens)  # B keeps all 8 segments of A's prompt
+    b.compute(list(range(700, 732)))  # and 8 others: B's 64 slots are full
+    for h in hosts.values():
+        h.pool.poll()
+    assert not b.free and b.tree.evictable_tokens == 64
+    b.held = []  # B's scheduler is busy: A's lease is granted, not pinned
+    req, nodes = _ship(hosts, tokens, keys, raw)
+    assert len(b.pool.remote.leases) == 1
+    b.run_held()
+    freed = b.evict(40)  # B needs 40 tokens; pinning the lease would leave only 32 evictable
+    assert len(freed) * S >= 40 and len(b.free) >= 40
+    assert b.pool.counters["leases_broken_for_room"] == 1
+    assert b.tree.locked_nodes == 0
+    _decode_pass(a, req, nodes, tokens)
+    assert req.is_retracted  # refused, never a wrong token
+    a.pool.forget(req)
+    b.pool.poll()
+    assert not b.pool.remote.leases
+    check_all(hosts)
+
+
 class _Req:
     """A request object as the scheduler has them (weak-referenceable, no value equality)."""
 

@@ -46,7 +46,7 @@ def fake_req(tokens, max_new=8):
 
 def test_each_segment_is_designated_once_at_one_of_its_homes():
     net = FakeNet()
-    hosts = make_pool(net, [A, B, C])
+    hosts = make_pool(net, [A, B, C], placement="segment")
     net.heartbeat()
     keys = hosts[A].compute(list(range(48)))
     for h in hosts.values():
@@ -66,7 +66,7 @@ def test_each_segment_is_designated_once_at_one_of_its_homes():
 
 def test_two_choice_placement_follows_the_announced_horizons():
     net = FakeNet()
-    hosts = make_pool(net, [A, B, C], capacity=24, placement_choices=2)
+    hosts = make_pool(net, [A, B, C], capacity=24, placement_choices=2, placement="segment")
     net.heartbeat()
     pol = hosts[A].pool.policy
     # B's memory is taken by running requests (horizon 0); the others have room (inf).
@@ -96,7 +96,8 @@ def test_two_choice_placement_follows_the_announced_horizons():
 
 def test_a_joining_member_gets_its_segments_handed_over():
     net = FakeNet()
-    hosts = make_pool(net, [A, B], placement_choices=1)  # with 2 choices both may keep it
+    # segment placement, one choice: with 2 choices (or executor placement) A may keep it
+    hosts = make_pool(net, [A, B], placement_choices=1, placement="segment")
     net.down.add(B)
     net.heartbeat()  # A alone: a pool of one holds everything
     keys = hosts[A].compute(list(range(64)))
@@ -118,12 +119,65 @@ def test_a_joining_member_gets_its_segments_handed_over():
     check_all(hosts)
 
 
+def test_executor_placement_keeps_a_computed_chain_where_it_was_computed():
+    net = FakeNet()
+    hosts = make_pool(net, [A, B, C], placement="executor")
+    net.heartbeat()
+    keys = hosts[B].compute(list(range(48)))
+    for h in hosts.values():
+        h.pool.poll()
+    for k in keys:  # the whole chain stays at B, announced to the others, nothing is sent
+        assert designated_holders(hosts, k) == [B], k
+        for w in (A, C):
+            assert B in hosts[w].tree.nodes[k].owners
+    assert all(h.pool.counters.get("put_segments", 0) == 0 for h in hosts.values())
+    # A recomputes the chain while B holds it: A's copy is transient, not a second home.
+    hosts[A].compute(list(range(48)))
+    for h in hosts.values():
+        h.pool.poll()
+    assert all(designated_holders(hosts, k) == [B] for k in keys)
+    assert hosts[A].pool.designated_keys(False) == sorted(f"{k:016x}" for k in keys)
+    check_all(hosts)
+
+
+def test_two_workers_that_computed_one_chain_at_once_agree_on_one_home():
+    net = FakeNet()
+    hosts = make_pool(net, [A, B, C], placement="executor")
+    net.heartbeat()
+    tokens = list(range(200, 248))
+    keys = hosts[A].compute(tokens)
+    hosts[C].compute(tokens)  # before either announced: both keep it designated
+    assert all(designated_holders(hosts, k) == [A, C] for k in keys)
+    for _ in range(2):
+        for h in hosts.values():
+            h.pool.poll()
+    pol = hosts[A].pool.policy
+    for k in keys:  # the holder ranked first for the key keeps it; the other retracted
+        first = next(m for m in pol.placement.homes(k, 3) if m in (A, C))
+        assert designated_holders(hosts, k) == [first], k
+        assert hosts[B].tree.nodes[k].owners == {first}
+    assert {designated_holders(hosts, k)[0] for k in keys} == {A, C}
+    # A evicts: where its copy was the home, C's transient copy becomes the home.
+    kept_by_a = {k for k in keys if designated_holders(hosts, k) == [A]}
+    gone = {n.key for n in hosts[A].evict(len(keys) * S)}
+    for _ in range(2):
+        for h in hosts.values():
+            h.pool.poll()
+    assert gone & kept_by_a
+    for k in keys:
+        assert designated_holders(hosts, k) == ([C] if k in gone or k not in kept_by_a else [A]), k
+        assert hosts[B].tree.nodes[k].owners == set(designated_holders(hosts, k))
+    check_all(hosts)
+
+
 # -- remote runs: plan and load-back ------------------------------------------------------
 
 
 def _remote_setup(mode: str):
     net = FakeNet()
-    hosts = make_pool(net, [A, B], remote_mode=mode, transient_copies=False)
+    # segment placement: B's prompt is spread over both (A serves part of it locally)
+    hosts = make_pool(net, [A, B], remote_mode=mode, transient_copies=False,
+                      placement="segment")
     net.heartbeat()
     tokens = list(range(100, 132))  # 8 segments
     hosts[B].compute(tokens)
@@ -394,7 +448,7 @@ def _find(pol, n_segs, homes_wanted, start):
 def test_pool_wide_leaf_first_keeps_the_last_copy_of_a_parent(leaf_first):
     net = FakeNet()
     hosts = make_pool(net, [A, B], placement_choices=1, transient_copies=False,
-                      pool_leaf_first=leaf_first)
+                      pool_leaf_first=leaf_first, placement="segment")
     net.heartbeat()
     a = hosts[A]
     pol = a.pool.policy

@@ -150,27 +150,30 @@ def test_tokenlake_pool_invariants():
             assert pol.is_home(key, next(iter(holders)))  # one of its two candidates
 
 
-def test_hot_segments_get_the_copies_the_policy_plans():
+@pytest.mark.parametrize("placement", ["segment", "executor"])
+def test_hot_segments_get_the_copies_the_policy_plans(placement):
     # Two groups of 3-block prompts: each group's first block is 1/6 of all accesses, so
     # at 4 instances (fair share 1/4, headroom 0.5) it wants ceil(1/6 * 4 / 0.5) = 2 copies.
     w = generated_shared_prefix(groups=2, prompts_per_group=100, system_prompt_len=256,
                                 question_len=128, segment_size=128)
     cfg = SimConfig(4, 64, 128, policy=PolicyConfig(replan_every=16, hot_window=512, hot_k=32,
-                                                    replica_budget=0.5))
+                                                    replica_budget=0.5, placement=placement))
     tl = _pool(cfg, w)
     _check_index(tl)
     pol = tl.policy
     firsts = {r.keys[0] for r in w.requests}
     assert len(firsts) == 2 and all(pol.copies.get(k) == 2 for k in firsts)
     assert tl.stats()["replicas_made"] >= 2
-    for key, c in pol.copies.items():
-        assert tl.loc[key] == set(pol.placement.homes(key, c))
+    for key, c in pol.copies.items():  # exactly the copies planned, at its homes if placed there
+        assert len(tl.loc[key]) == c
+        if placement == "segment":
+            assert tl.loc[key] == set(pol.placement.homes(key, c))
     cold = SimConfig(4, 64, 128, policy=PolicyConfig(replan_every=16, replica_budget=0.0))
     assert not _pool(cold, w).policy.copies  # no budget, no replicas
 
 
 def test_new_segments_go_to_the_candidate_with_the_larger_horizon():
-    cfg = SimConfig(4, 4, 256)
+    cfg = SimConfig(4, 4, 256, policy=PolicyConfig(placement="segment"))
     tl = TokenLake(cfg, Cluster(4, cfg.compute))
     key = 12345
     first, second = tl.policy.candidates(key)
@@ -187,7 +190,7 @@ def test_new_segments_go_to_the_candidate_with_the_larger_horizon():
     c1 = tl.policy.candidates(key + 1)
     want = max(c1, key=lambda m: tl.horizons[m])
     assert tl.loc[key + 1] == {want}
-    one = SimConfig(4, 4, 256, policy=PolicyConfig(placement_choices=1))
+    one = SimConfig(4, 4, 256, policy=PolicyConfig(placement_choices=1, placement="segment"))
     tl1 = TokenLake(one, Cluster(4, one.compute))
     tl1._update([key], {}, tl1.ids[0])
     assert tl1.loc[key] == {tl1.policy.placement.home(key)}
@@ -207,7 +210,7 @@ def test_a_member_squeezed_to_no_room_is_never_a_placement_choice():
     # Running requests hold all of `first`'s memory: its empty cache has no room, so a
     # new segment goes to `second`, whose cache is full of old data. (Before, an empty
     # cache of capacity 0 read as free room and won every choice, only to evict at once.)
-    cfg = SimConfig(4, 4, 256)
+    cfg = SimConfig(4, 4, 256, policy=PolicyConfig(placement="segment"))
     tl = TokenLake(cfg, Cluster(4, cfg.compute))
     key = 12345
     first, second = tl.policy.candidates(key)
@@ -222,8 +225,25 @@ def test_a_member_squeezed_to_no_room_is_never_a_placement_choice():
         assert cache.oldest_stamp() == float("inf")
 
 
+@pytest.mark.parametrize("placement", ["chain", "executor"])
+def test_a_requests_new_segments_are_placed_together(placement):
+    cfg = SimConfig(4, 16, 256, policy=PolicyConfig(placement=placement, replica_budget=0))
+    tl = TokenLake(cfg, Cluster(4, cfg.compute))
+    ex = tl.ids[2]
+    keys = [101, 102, 103, 104, 105]
+    tl._update(keys[:2], {}, tl.ids[0])  # the first two are cached already
+    before = {k: set(tl.loc[k]) for k in keys[:2]}
+    home = ex if placement == "executor" else tl.policy.place(keys[-1], tl.horizons)[0]
+    put = tl._update(keys, {}, ex)
+    assert {k: tl.loc[k] for k in keys[2:]} == dict.fromkeys(keys[2:], {home})
+    assert {k: tl.loc[k] for k in keys[:2]} == before
+    assert put == (0 if home == ex else 3 * cfg.shape.kv_bytes(256))
+    _check_index(tl)
+
+
 def test_pool_wide_leaf_first_keeps_a_parent_whose_child_is_elsewhere():
-    cfg = SimConfig(2, 2, 256, policy=PolicyConfig(placement_choices=1, replica_budget=0))
+    cfg = SimConfig(2, 2, 256, policy=PolicyConfig(placement_choices=1, replica_budget=0,
+                                                   placement="segment"))
     tl = TokenLake(cfg, Cluster(2, cfg.compute))
     home = tl.policy.placement.home
     a, b = tl.ids
@@ -237,7 +257,7 @@ def test_pool_wide_leaf_first_keeps_a_parent_whose_child_is_elsewhere():
     assert parent in tl.loc and fresh[0] not in tl.loc  # the older fresh one went instead
     _check_index(tl)
     off = SimConfig(2, 2, 256, policy=PolicyConfig(placement_choices=1, replica_budget=0,
-                                                   pool_leaf_first=False))
+                                                   pool_leaf_first=False, placement="segment"))
     tl2 = TokenLake(off, Cluster(2, off.compute))
     tl2._update([parent, child], {}, a)
     tl2._update([fresh[0]], {}, a)
@@ -303,9 +323,11 @@ def test_cluster_reports_kv_holds_from_start_to_last_token():
 
 def test_tokenlake_shipped_segments_hold_no_executor_memory():
     # longctx: queries are shipped to the context's owner, so an executor's hold is
-    # the question and the answer, not the context.
+    # the question and the answer, not the context (segment placement spreads each
+    # context over both instances, so every request has an owner to ship to).
     w = longctx(requests=40, contexts=2, seed=1)
-    cfg = SimConfig(2, 2 * w.unique_full_blocks(), w.segment_size, shape=MHA_7B)
+    cfg = SimConfig(2, 2 * w.unique_full_blocks(), w.segment_size, shape=MHA_7B,
+                    policy=PolicyConfig(placement="segment"))
     tl = TokenLake(cfg, Cluster(2, cfg.compute))
     outs = [tl.serve(r, r.arrival_s) for r in w.requests]
     shipped = [(o, r) for o, r in zip(outs, w.requests) if o.shipped]

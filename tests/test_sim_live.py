@@ -57,3 +57,14 @@ def test_compare_simulates_each_measured_configuration(tmp_path):
 def test_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "bench.json" in capsys.readouterr().err
+
+
+def test_the_replay_uses_the_runs_tokenlake_policy_flags():
+    from sglang_tokenlake.policy import PolicyConfig
+    from sglang_tokenlake.sim.live import policy_of
+
+    assert policy_of({}) == PolicyConfig()
+    pol = policy_of({"tokenlake_args": ["--tokenlake-placement", "executor",
+                                        "--tokenlake-replica-budget", "0.1"]})
+    assert pol.placement == "executor" and pol.replica_budget == 0.1
+    assert pol == PolicyConfig(placement="executor", replica_budget=0.1)

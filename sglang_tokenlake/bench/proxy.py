@@ -4,9 +4,12 @@
         --worker-urls http://127.0.0.1:20001 http://127.0.0.1:20002
 
 ``round_robin`` sends request ``i`` to worker ``i mod N``. ``least_load`` sends each
-request to the worker with the fewest requests in flight *through this proxy*
-(ties: lowest index after the last pick), the queue-length signal a load balancer
-has without asking the workers. Responses (including SSE streams) are relayed
+request to the worker with the fewest requests in flight *through this proxy*, the
+queue-length signal a load balancer has without asking the workers. Ties go to the
+worker that last served a prompt with the same first ``AFFINITY_TOKENS`` tokens (it
+likely keeps that prefix: TokenLake keeps what a worker computed there, so it is
+served without a transfer), else to the lowest index after the last pick. A busier
+worker never wins by affinity: load comes first. Responses (including SSE streams) are relayed
 chunk by chunk. ``GET /bench_stats`` returns the requests sent to each worker;
 ``GET /health`` answers 200 when the proxy is up.
 
@@ -22,6 +25,29 @@ import sys
 from typing import Optional
 
 POLICIES = ("round_robin", "least_load")
+AFFINITY_TOKENS = 64
+"""Prompt tokens (from the start) that name a prefix for ``least_load``'s tie-break."""
+MAX_AFFINITY = 1 << 16
+"""Prefixes remembered at most (the oldest half is forgotten beyond it)."""
+
+
+def affinity_key(payload: bytes) -> Optional[int]:
+    """The prefix a /generate body starts with: a hash of its first ``AFFINITY_TOKENS``
+    input ids (or of the first characters of its text); None when it has neither."""
+    import json
+
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    ids, text = body.get("input_ids"), body.get("text")
+    if isinstance(ids, list) and ids and not isinstance(ids[0], list):
+        return hash(("ids", tuple(ids[:AFFINITY_TOKENS])))
+    if isinstance(text, str) and text:
+        return hash(("text", text[: AFFINITY_TOKENS * 4]))
+    return None
 
 
 class Balancer:
@@ -35,15 +61,28 @@ class Balancer:
         self.policy = policy
         self.inflight = [0] * n
         self.sent = [0] * n
+        self.affine = 0  # least_load picks decided by affinity
         self._next = 0
+        self._last: dict[int, int] = {}  # prefix -> worker that served it last
 
-    def pick(self) -> int:
+    def pick(self, prefix: Optional[int] = None) -> int:
+        """The worker for the next request (``prefix``: its ``affinity_key``)."""
         n = len(self.inflight)
         if self.policy == "round_robin":
             i = self._next % n
         else:
             order = [(self._next + k) % n for k in range(n)]
             i = min(order, key=lambda j: self.inflight[j])
+            if prefix is not None:
+                last = self._last.get(prefix)
+                if last is not None and last != i and self.inflight[last] == self.inflight[i]:
+                    i = last
+                    self.affine += 1
+                if len(self._last) >= MAX_AFFINITY:
+                    for k in list(self._last)[: MAX_AFFINITY // 2]:
+                        del self._last[k]
+                self._last.pop(prefix, None)
+                self._last[prefix] = i
         self._next = (i + 1) % n
         self.inflight[i] += 1
         self.sent[i] += 1
@@ -71,7 +110,7 @@ def make_app(worker_urls: list[str], policy: str):  # -> aiohttp.web.Application
 
     async def forward(request: web.Request) -> web.StreamResponse:
         payload = await request.read()
-        i = bal.pick()
+        i = bal.pick(affinity_key(payload) if policy == "least_load" else None)
         session = state["session"]
         assert session is not None
         try:
@@ -95,7 +134,8 @@ def make_app(worker_urls: list[str], policy: str):  # -> aiohttp.web.Application
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response({"policy": policy, "workers": worker_urls,
-                                  "sent": bal.sent, "inflight": bal.inflight})
+                                  "sent": bal.sent, "inflight": bal.inflight,
+                                  "affinity_picks": bal.affine})
 
     app = web.Application(client_max_size=1 << 30)
     app.on_startup.append(on_startup)

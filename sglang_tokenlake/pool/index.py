@@ -71,6 +71,9 @@ class IndexSync:
         self._entries: dict[str, int] = {}  # peer -> segments indexed as its copies
         self._syncs: dict[str, Pull] = {}  # peer -> sync in flight
         self.snapshots = SnapshotStore()  # served to peers paging through our index
+        # Called (scheduler thread) with local copies whose other holders changed: a peer
+        # announced one this worker holds designated, or retracted one it holds transient.
+        self.reconsider: Callable[[list[SegmentNode]], None] = lambda nodes: None
 
     # -- this worker's changes (scheduler thread) ----------------------------------------
 
@@ -233,10 +236,19 @@ class IndexSync:
                 continue
             self.tree.add_owner_chain(keys, held, peer)
             self._entries[peer] = self._entries.get(peer, 0) + new
+            both = [n for i in held if (n := nodes.get(keys[i])) is not None
+                    and n.value is not None and n.designated]
+            if both:
+                self.reconsider(both)
 
     def _remove_keys(self, peer: str, keys: list[int]) -> None:
         n = self.tree.remove_owner_keys(keys, peer)
         self._entries[peer] = max(0, self._entries.get(peer, 0) - n)
+        nodes = self.tree.nodes
+        left = [x for k in keys if (x := nodes.get(k)) is not None
+                and x.value is not None and not x.designated]
+        if left:
+            self.reconsider(left)
 
     # -- broker thread: handlers -------------------------------------------------------------
 

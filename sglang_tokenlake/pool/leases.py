@@ -135,17 +135,25 @@ class LeaseTable:
 
     # -- scheduler thread ------------------------------------------------------------
 
-    def settle(self) -> None:
-        """End the leases released since the last call, pin the ones granted since."""
+    def settle(self, need_tokens: int = 0) -> None:
+        """End the leases released since the last call, pin the ones granted since
+        (see ``pin``)."""
         if self._released:
             with self._lock:
                 released, self._released = self._released, []
             for lease_id in released:
                 self.drop(lease_id)
-        self.pin()
+        self.pin(need_tokens)
 
-    def pin(self) -> None:
-        """Lock the nodes of leases granted since the last call."""
+    def pin(self, need_tokens: int = 0) -> None:
+        """Lock the nodes of leases granted since the last call.
+
+        A lease whose pin would leave fewer than ``need_tokens`` evictable, where
+        there were enough before, is broken instead: the scheduler admitted work
+        counting on that room (an eviction is about to free ``need_tokens``), and a
+        peer's lease must never make this worker run out of memory. Its requester's next query is refused and its
+        request starts over.
+        """
         if not self._pending:
             return
         with self._lock:
@@ -165,8 +173,15 @@ class LeaseTable:
                 lease.state = BROKEN
                 self.counters.add("leases_broken")
                 continue
+            room = self.tree.evictable_tokens
             for n in nodes:
                 self.tree.lock(n)
+            if room >= need_tokens > self.tree.evictable_tokens:
+                for n in nodes:
+                    self.tree.unlock(n)
+                lease.state = BROKEN
+                self.counters.add("leases_broken_for_room")
+                continue
             lease.nodes = nodes
             lease.state = PINNED
 

@@ -94,6 +94,7 @@ class PoolLink:
             max_inflight=config.max_inflight, name=f"tokenlake-peers-{self_id}")
         self.index = IndexSync(host, self.agent, self_id, self.alive, self.known_sender,
                                self.counters, config.peer_timeout)
+        self.index.reconsider = self._redesignate_all
         self.transfers = Transfers(host, self, self.policy, self.index, self.agent, config,
                                    self.counters, self.known_sender, self.calibration)
         self.server = self.transfers.server
@@ -174,38 +175,33 @@ class PoolLink:
     def designated(self, node: SegmentNode, *, new_copy: bool = False) -> bool:
         """Should this worker's copy of ``node`` be one of the segment's designated copies?
 
-        Its homes are the policy's candidates (the first ``placement_choices``
-        rendezvous homes, or a hot segment's ``copies``); the segment needs
-        ``copies`` of them to hold it. Among the candidates that hold it (usable
-        owners, and this worker) the first ``copies`` in rendezvous order keep
-        theirs, so two candidates that both hold one agree on which stays. A
+        Among the policy's candidates holding it (usable owners, and this worker) the
+        first ``copies`` in rendezvous order keep theirs (``PoolPolicy.keeps``). A
         ``new_copy`` (pulled here) is designated only while fewer than ``copies``
         candidates hold it: a pull never duplicates a home's copy.
         """
         if len(self.alive()) == 1:
             return True
-        cands = self.policy.candidates(node.key)
-        if self.self_id not in cands:
-            return False
         if new_copy:
-            return not self.homes_hold(node)
-        others = self._home_owners(node, cands)
-        holders = [m for m in cands if m == self.self_id or m in others]
-        return self.self_id in holders[: self.policy.copies.get(node.key, 1)]
+            return self.policy.is_home(node.key, self.self_id) and not self.homes_hold(node)
+        return self.policy.keeps(node.key, self.self_id, self._owners(node))
 
     def homes_hold(self, node: SegmentNode) -> bool:
         """Do enough of the segment's homes (other than this worker) hold it already?"""
-        cands = self.policy.candidates(node.key)
-        return len(self._home_owners(node, cands)) >= self.policy.copies.get(node.key, 1)
+        return self.policy.held_enough(node.key, self._owners(node))
 
-    def _home_owners(self, node: SegmentNode, cands: list[str]) -> list[str]:
-        return [m for m in cands if m != self.self_id and m in node.owners and self.usable(m)]
+    def _owners(self, node: SegmentNode) -> list[str]:
+        return [m for m in node.owners if m != self.self_id and self.usable(m)]
+
+    def targets_of(self, keys: list[int]) -> dict[int, str]:
+        """The member each new copy of ``keys`` (one request's, root first) made here
+        should be kept by (``PoolPolicy.place_run``)."""
+        self.alive()
+        runs = self.policy.place_run(keys, self.self_id, self.horizons())
+        return {k: self.self_id if self.self_id in t else t[0] for k, t in runs.items()}
 
     def target_of(self, key: int) -> str:
-        """The member a new copy of ``key`` made here should be kept by."""
-        self.alive()
-        targets = self.policy.place(key, self.horizons())
-        return self.self_id if self.self_id in targets else targets[0]
+        return self.targets_of([key])[key]
 
     def keep_copy(self, node: SegmentNode) -> bool:
         """The pool-wide leaf-first rule for a local leaf about to be evicted."""
@@ -234,6 +230,10 @@ class PoolLink:
     def pool_requests(self) -> int:
         return self._requests + sum(int(st.get("requests", 0)) for st in self._peer_state.values())
 
+    def _redesignate_all(self, nodes: list[SegmentNode]) -> None:
+        for node in nodes:
+            self._redesignate(node)
+
     def _redesignate(self, node: SegmentNode) -> None:
         d = self.designated(node)
         if d == node.designated:
@@ -255,25 +255,27 @@ class PoolLink:
         held: list[int] = []
         puts: dict[str, list[int]] = defaultdict(list)
         alone = len(self.alive()) == 1
+        new: list[int] = []
         for i, (node, adopted) in enumerate(zip(out.path, out.adopted)):
             if not adopted:
                 continue
             if alone:
                 node.designated = True
                 held.append(i)
-                continue
-            if self.homes_hold(node):
+            elif self.homes_hold(node):
                 node.designated = False  # its homes hold it already: a transient copy
                 if not self.config.transient_copies:
                     self.transfers.drop.add(node)
-                continue
-            target = self.target_of(node.key)
-            if target == self.self_id:
-                node.designated = True
+            else:
+                new.append(i)
+        targets = self.targets_of([out.path[i].key for i in new]) if new else {}
+        for i in new:
+            node = out.path[i]
+            node.designated = targets[node.key] == self.self_id
+            if node.designated:
                 held.append(i)
             else:
-                node.designated = False
-                puts[target].append(i)
+                puts[targets[node.key]].append(i)
         if held:
             self.index.announce(list(keys[: held[-1] + 1]), held)
         for home, idxs in puts.items():
@@ -289,9 +291,10 @@ class PoolLink:
 
     # -- scheduler thread: periodic work ----------------------------------------------
 
-    def before_free(self) -> None:
-        """Before anything frees slots (eviction, drops): pin the leases granted since."""
-        self.remote.leases.settle()
+    def before_free(self, need_tokens: int = 0) -> None:
+        """Before anything frees slots (an eviction of ``need_tokens``, drops): pin the
+        leases granted since, none that would leave less than that evictable."""
+        self.remote.leases.settle(need_tokens)
 
     def flush(self, reset_tree: Callable[[], None]) -> None:
         """Flush the cache (scheduler thread): retract what this worker held, replace
@@ -361,9 +364,7 @@ class PoolLink:
             logger.info("TokenLake: %s left the pool (%d segments forgotten)", peer, n)
         # Homes moved: re-designate local copies; announce what became ours.
         self.alive()
-        for node in list(self.tree.nodes.values()):
-            if node.value is not None:
-                self._redesignate(node)
+        self._redesignate_all([n for n in self.tree.nodes.values() if n.value is not None])
         for peer in ev.joined + ev.restarted:
             logger.info("TokenLake: %s joined the pool", peer)
             self.index.forget_peer(peer)
@@ -473,13 +474,10 @@ class PoolLink:
             "pid": os.getpid(),
         }
 
-    def designated_keys(self) -> list[str]:
+    def designated_keys(self, designated: bool = True) -> list[str]:
+        """Keys of the local copies that are designated (or, with False, transient)."""
         return sorted(f"{n.key:016x}" for n in self.tree.nodes.values()
-                      if n.value is not None and n.designated)
-
-    def transient_keys(self) -> list[str]:
-        return sorted(f"{n.key:016x}" for n in self.tree.nodes.values()
-                      if n.value is not None and not n.designated)
+                      if n.value is not None and n.designated == designated)
 
     def close(self) -> None:
         self.agent.close()

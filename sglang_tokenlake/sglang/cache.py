@@ -345,7 +345,7 @@ class TokenLakeCache(BasePrefixCache):
         start = time.perf_counter()
         keep = self.pool.keep_copy if self.pool is not None else None
         if self.pool is not None:
-            self.pool.before_free()
+            self.pool.before_free(params.num_tokens)
         with self.slot_mutex:
             dropped = self.tree.evict(params.num_tokens, keep)
             if dropped:

@@ -50,7 +50,7 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
             st["broker"] = dict(broker.counters)
             if want_keys and cache.pool is not None:
                 st["designated_keys"] = cache.pool.designated_keys()
-                st["transient_keys"] = cache.pool.transient_keys()
+                st["transient_keys"] = cache.pool.designated_keys(False)
             req.reply("status", st)
 
         cache.submit(job)

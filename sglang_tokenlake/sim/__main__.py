@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from sglang_tokenlake.dispatch import ModelShape
 from sglang_tokenlake.eviction import EVICTIONS, AwareParams
-from sglang_tokenlake.policy import PolicyConfig
+from sglang_tokenlake.policy import PLACEMENTS, PolicyConfig
 from sglang_tokenlake.sim import report
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import ALL_POLICIES, POLICIES, SimConfig, simulate, time_stretch
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="GB/s of one transfer between two instances")
     p.add_argument("--placement-choices", type=int, default=PolicyConfig.placement_choices,
                    help="TokenLake: candidate homes of a new segment")
+    p.add_argument("--placement", choices=PLACEMENTS, default=PolicyConfig.placement,
+                   help="TokenLake: where a request's new segments are kept (segment: each "
+                        "at its own home; chain: together; executor: where computed)")
     p.add_argument("--no-pool-leaf-first", action="store_true",
                    help="TokenLake: drop the pool-wide leaf-first eviction rule")
     p.add_argument("--replica-budget", type=float, default=PolicyConfig.replica_budget,
@@ -106,6 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         head_dim=shape.head_dim, dtype_bytes=shape.dtype_bytes))
     policy = PolicyConfig(replica_budget=args.replica_budget,
                           placement_choices=args.placement_choices,
+                          placement=args.placement,
                           pool_leaf_first=not args.no_pool_leaf_first,
                           eviction=args.eviction,
                           aware=AwareParams(args.aware_freq_weight, args.aware_depth_weight))

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import xxhash
 
+from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.segments import request_namespace, segment_keys
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import simulate
@@ -82,6 +83,16 @@ def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
     return Workload(meta_wl["name"], segment_size, out), chars / max(tokens, 1)
 
 
+def policy_of(settings: dict[str, Any]) -> PolicyConfig:
+    """The pool policy the run's workers used (defaults plus the run's --tokenlake-args)."""
+    from sglang_tokenlake.config import TokenLakeConfig
+
+    parser = argparse.ArgumentParser(add_help=False)
+    TokenLakeConfig.add_cli_args(parser)
+    args, _ = parser.parse_known_args([str(a) for a in settings.get("tokenlake_args") or []])
+    return TokenLakeConfig.from_cli_args(args).policy()
+
+
 def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeModel:
     """Compute constants from the harness's lone-request samples (cache misses)."""
     per_token, per_step = [], []
@@ -116,7 +127,8 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
         name = meta_wl["name"]
         recs = {rid: r for (w, rid), r in records.items() if w == name}
         workload, cpt = replay_requests(meta_wl, recs, S)
-        cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt)
+        cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
+                        policy=policy_of(settings))
         sims: dict[str, Any] = {}
         for s in bench["summaries"]:
             if s["workload"] != name or s["config"] not in POLICY_OF:

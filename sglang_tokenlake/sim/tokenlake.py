@@ -176,6 +176,9 @@ class TokenLake(Policy):
         choices = self.cfg.policy.placement_choices
         horizons.clock += 1
         stamp = horizons.clock
+        run: dict[int, list[str]] = {}
+        if self.cfg.policy.placement != "segment":  # one home for the request's new segments
+            run = pol.place_run([key for key in full if key not in loc], ex_id, horizons)
         for i in range(len(full) - 1, -1, -1):
             key = full[i]
             par = full[i - 1] if i else None
@@ -190,7 +193,7 @@ class TokenLake(Policy):
                     caches[h].touch(key, stamp, par, i)
                     touched.add(h)
                 continue
-            targets = pol.place(key, horizons)
+            targets = run.get(key) or pol.place(key, horizons)
             loc[key] = set(targets)
             if i:
                 self.parent[key] = full[i - 1]
@@ -259,7 +262,9 @@ class TokenLake(Policy):
             holders = loc.get(key)
             if not holders:
                 continue
-            for t in homes(key, c):
+            for t in homes(key, c):  # up to c copies: the first may live off its homes
+                if len(holders) >= c:
+                    break
                 if t not in holders:
                     holders.add(t)
                     caches[t].touch(key, self.horizons.clock, self.parent.get(key))
