@@ -26,9 +26,10 @@ def cluster(tiny_model, log_dir):
     with running_pool(tiny_model, log_dir, 3, segment_size=SEG, stock=True, pool_args=[
             "--no-tokenlake-transient-copies", "--tokenlake-peer-timeout", str(PEER_TIMEOUT),
             "--tokenlake-heartbeat-interval", "0.3", "--tokenlake-pull-timeout", "1.5",
-            # strict homes: a rejoining member must get its segments handed over (with two
-            # choices a survivor stays one of its segments' top-2 homes and nothing moves)
-            "--tokenlake-placement-choices", "1"]) as pool:
+            # strict per-segment homes: a rejoining member must get its segments handed over
+            # (with two choices a survivor stays one of its segments' top-2 homes, and with
+            # executor placement any holder is a home: nothing moves)
+            "--tokenlake-placement", "segment", "--tokenlake-placement-choices", "1"]) as pool:
         yield pool.workers, pool.stock
 
 

@@ -301,7 +301,7 @@ def test_a_worker_puts_its_segments_with_their_seed_so_every_key_is_checked():
     """Puts a worker makes after an insert carry the chain's namespace seed: the home
     checks the first segment's key too (a put without a seed could not be checked there)."""
     net = FakeNet()
-    hosts = make_pool(net, ["w0:1", "w1:2"], segment_size=S)
+    hosts = make_pool(net, ["w0:1", "w1:2"], segment_size=S, placement="segment")  # puts
     net.heartbeat()
     seen = []
     net.dropped = lambda peer, kind, h: seen.append(h) if kind == "put" else False

@@ -28,7 +28,10 @@ QUERY_TIMEOUT = 1.5
 @pytest.fixture(scope="module", params=[1, 16], ids=["page1", "page16"])
 def pool(request, tiny_model, log_dir):
     page = request.param
+    # segment placement: a document's segments live at their rendezvous homes, so a test
+    # can choose documents homed on exactly 1, 2 or 3 owners.
     args = ["--no-tokenlake-transient-copies", "--tokenlake-remote-mode", "ship",
+            "--tokenlake-placement", "segment",
             "--tokenlake-query-timeout", str(QUERY_TIMEOUT), "--tokenlake-peer-timeout", "30",
             "--enable-metrics"]
     # A worker frozen by a test (SIGSTOP) is thawed and stopped by running_pool.
