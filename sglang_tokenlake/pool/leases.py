@@ -151,8 +151,8 @@ class LeaseTable:
         A lease whose pin would leave fewer than ``need_tokens`` evictable, where
         there were enough before, is broken instead: the scheduler admitted work
         counting on that room (an eviction is about to free ``need_tokens``), and a
-        peer's lease must never make this worker run out of memory. Its requester's next query is refused and its
-        request starts over.
+        peer's lease must never make this worker run out of memory. Its requester's
+        next query is refused and its request starts over.
         """
         if not self._pending:
             return

@@ -1,6 +1,6 @@
 """TokenLake in the simulator: the pool driven by ``policy.PoolPolicy``, the live pool's policy.
 
-Every policy decision is ``PoolPolicy``'s: placement of new segments (``place``, on
+Every policy decision is ``PoolPolicy``'s: placement of new segments (``place_run``, on
 eviction horizons measured on the simulator's logical clock), replica counts
 (``plan_replicas`` from one pool-wide ``HeavyHitters``), the pool-wide leaf-first
 rule (``keep_last_copy``) and dispatch (``dispatch``). This module only keeps the
@@ -15,8 +15,8 @@ Per request:
 3. ``PoolPolicy.dispatch`` picks a replica and a mode for each cached segment;
    SHIP_QUERY charges partial attention to the owner's GPU, PULL_KV moves bytes.
 4. Cache update, deepest segment first: served copies are touched; new
-   segments go where ``PoolPolicy.place`` says (``put`` bytes when that is not
-   the executor); each instance evicts its least recently used segments, passing
+   segments go where ``PoolPolicy.place_run`` says (by default all stay on the
+   executor; ``put`` bytes when their home is not the executor); each instance evicts its least recently used segments, passing
    over those ``keep_last_copy`` protects.
 5. Every ``replan_every`` requests ``PoolPolicy.plan_replicas`` turns the heavy
    hitters into copies; extra copies are made at the next-best rendezvous homes
