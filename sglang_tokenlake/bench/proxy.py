@@ -9,8 +9,8 @@ queue-length signal a load balancer has without asking the workers. Ties go to t
 worker that last served a prompt with the same first ``AFFINITY_TOKENS`` tokens (it
 likely keeps that prefix: TokenLake keeps what a worker computed there, so it is
 served without a transfer), else to the lowest index after the last pick. A busier
-worker never wins by affinity: load comes first. Responses (including SSE streams) are relayed
-chunk by chunk. ``GET /bench_stats`` returns the requests sent to each worker;
+worker never wins by affinity: load comes first. Responses (including SSE streams) are
+relayed chunk by chunk. ``GET /bench_stats`` returns the requests sent to each worker;
 ``GET /health`` answers 200 when the proxy is up.
 
 TokenLake workers need no cache affinity, so this is their whole front end; stock
@@ -21,6 +21,7 @@ sglang-router).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional
 
@@ -34,8 +35,6 @@ MAX_AFFINITY = 1 << 16
 def affinity_key(payload: bytes) -> Optional[int]:
     """The prefix a /generate body starts with: a hash of its first ``AFFINITY_TOKENS``
     input ids (or of the first characters of its text); None when it has neither."""
-    import json
-
     try:
         body = json.loads(payload)
     except ValueError:

@@ -16,8 +16,9 @@ Per request:
    SHIP_QUERY charges partial attention to the owner's GPU, PULL_KV moves bytes.
 4. Cache update, deepest segment first: served copies are touched; new
    segments go where ``PoolPolicy.place_run`` says (by default all stay on the
-   executor; ``put`` bytes when their home is not the executor); each instance evicts its least recently used segments, passing
-   over those ``keep_last_copy`` protects.
+   executor; ``put`` bytes when their home is not the executor); each instance
+   evicts its least recently used segments, passing over those
+   ``keep_last_copy`` protects.
 5. Every ``replan_every`` requests ``PoolPolicy.plan_replicas`` turns the heavy
    hitters into copies; extra copies are made at the next-best rendezvous homes
    (``replicate`` bytes) and dropped when a segment cools.
