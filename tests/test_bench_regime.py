@@ -150,3 +150,34 @@ def test_workers_start_inside_their_budgets(tmp_path):
     with pytest.raises(ValueError, match="CPU budgets"):
         worker_specs(CONFIGS["stock-rr"], s, budgets=budgets[:1], pool=pool)
     json.dumps(vars(s))  # recorded as-is in bench.json
+
+
+def test_each_workload_is_judged_by_its_own_slo(tmp_path):
+    from sglang_tokenlake.bench import report
+    from sglang_tokenlake.bench.load import RequestRecord
+    from sglang_tokenlake.bench.runner import ConfigResult
+
+    assert report.slo_for("longdoc") == report.SLO(8.0, 0.2)
+    assert report.slo_for("docs") == report.slo_for("mooncake-synthetic") == report.SLO(2.0, 0.1)
+    assert report.slo_for("longdoc", ttft_s=3.0) == report.SLO(3.0, 0.2)
+    assert report.slo_for("docs", tbt_s=0.5) == report.SLO(2.0, 0.5)
+
+    def result(wl):  # TTFT 1 s / 5 s / 9 s, mean TBT 0.15 s
+        recs = [RequestRecord(f"{wl}-{i}", "g", sent_s=float(i), ttft_s=t, e2e_s=t + 1,
+                              tbt_s=[0.1, 0.2], prompt_tokens=10, output_tokens=3)
+                for i, t in enumerate((1.0, 5.0, 9.0))]
+        return ConfigResult("stock-rr", "radix", "router", wl, 1.0, recs, [], [], None,
+                            0.0, 0.0, "")
+
+    a = cli.parse_args(["--workload", "docs", "longdoc"])
+    slos = {w.name: report.slo_for(w.name, a.slo_ttft, a.slo_tbt)
+            for w in cli.build_workloads(a)}
+    doc = report.write(tmp_path, {"command": "x", "settings": {
+        "workers": 1, "model": "m", "dtype": "f", "page_size": 1, "segment_size": 64,
+        "max_total_tokens": 1, "device": "cpu"}}, [result("docs"), result("longdoc")], slos)
+    att = {s["workload"]: s["slo_attainment"] for s in doc["summaries"]}
+    # docs: TBT 0.15 > 0.1 fails all; longdoc: TTFT <= 8 and TBT <= 0.2 passes two of three.
+    assert att == {"docs": 0.0, "longdoc": round(2 / 3, 4)}
+    assert doc["meta"]["slo"]["longdoc"] == {"ttft_s": 8.0, "tbt_s": 0.2}
+    md = (tmp_path / "bench.md").read_text()
+    assert "longdoc: TTFT <= 8 s and mean TBT <= 0.2 s" in md

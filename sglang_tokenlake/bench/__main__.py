@@ -107,8 +107,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     w.add_argument("--retries", type=int, default=1,
                    help="re-run a configuration whose worker was killed or crashed (default 1)")
     o = p.add_argument_group("results")
-    o.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT (s)")
-    o.add_argument("--slo-tbt", type=float, default=0.1, help="goodput SLO on mean TBT (s)")
+    o.add_argument("--slo-ttft", type=float, default=None,
+                   help="goodput SLO on TTFT (s); default per workload: 8 for longdoc, else 2")
+    o.add_argument("--slo-tbt", type=float, default=None,
+                   help="goodput SLO on mean TBT (s); default per workload: 0.2 for longdoc, "
+                        "else 0.1")
     o.add_argument("--out", default="out/bench", help="output directory")
     o.add_argument("--log-dir", default=None, help="server logs (default OUT/logs)")
     o.add_argument("--no-plots", action="store_true")
@@ -221,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         warmup_requests=a.warmup, calibration_requests=a.calibration, cpu_quota=a.cpu_quota,
         cpu_quota_mechanism=mech.kind if mech else "",
         cpu_quota_root=str(mech.root or "") if mech else "")
-    slo = report.SLO(a.slo_ttft, a.slo_tbt)
+    slos = {wl.name: report.slo_for(wl.name, a.slo_ttft, a.slo_tbt) for wl in wls}
     _install_signals()
     t0 = time.monotonic()
     results: list[runner.ConfigResult] = []
@@ -238,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   a.no_progress, a.retries))
                     results.append(step[-1])
                 if a.sweep:
-                    best = sweep.best_attainment([report.summarize(r, slo) for r in step])
+                    best = sweep.best_attainment([report.summarize(r, slos[wl.name]) for r in step])
                     print(f"sweep {wl.name} at {rate:g} req/s: best SLO attainment "
                           f"{100 * best:.0f}%", flush=True)
                     if best < a.sweep_target:
@@ -277,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "outside": ["front end", "load generator"]} if mech else None,
             "wall_s": round(time.monotonic() - t0, 1), "interrupted": interrupted,
             "error": error, "git": _git_state()}
-    doc = report.write(out, meta, results, slo)
+    doc = report.write(out, meta, results, slos)
     if not a.no_plots:
         from sglang_tokenlake.bench import plots
 

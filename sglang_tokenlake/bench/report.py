@@ -7,7 +7,8 @@ Definitions (also in docs/bench.md):
 * tokens prefilled = sum(prompt tokens - cached_tokens);
 * throughput = completed requests / makespan (first send to last token);
 * TBT = a request's mean gap between consecutive tokens after the first (TPOT);
-* goodput = requests meeting the SLO (TTFT <= slo_ttft and TBT <= slo_tbt) / makespan;
+* goodput = requests meeting the SLO (TTFT <= slo_ttft and TBT <= slo_tbt) / makespan; the
+  SLO is per workload (``DEFAULT_SLOS``, overridden by ``--slo-ttft`` / ``--slo-tbt``);
 * load CV = population stdev / mean across workers of requests served, of tokens
   prefilled and of forward time (SGLang's ``run_batch`` seconds), from each worker's
   ``/metrics`` over the measured phase;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -38,6 +39,21 @@ STOCK = ("stock-rr", "stock-cache-aware")
 class SLO:
     ttft_s: float
     tbt_s: float
+
+
+DEFAULT_SLO = SLO(2.0, 0.1)
+DEFAULT_SLOS = {"longdoc": SLO(8.0, 0.2)}
+"""Per workload (by the name before any ``-``): ``longdoc``'s lone uncached request takes
+about 4 s to its first token at 0.45 cores per worker, so its TTFT SLO is twice that, and a
+4K-token prefill batched beside a decode stalls it for seconds (no chunked-prefill overlap on
+CPU), so its mean TBT SLO is 0.2 s. Every other workload: ``DEFAULT_SLO``."""
+
+
+def slo_for(workload: str, ttft_s: Optional[float] = None, tbt_s: Optional[float] = None
+            ) -> SLO:
+    """The SLO of ``workload``: its default, with whichever of ``ttft_s``/``tbt_s`` is given."""
+    base = DEFAULT_SLOS.get(workload.split("-")[0], DEFAULT_SLO)
+    return SLO(base.ttft_s if ttft_s is None else ttft_s, base.tbt_s if tbt_s is None else tbt_s)
 
 
 def pct(xs: Sequence[float], q: float) -> float:
@@ -85,6 +101,7 @@ def summarize(res: ConfigResult, slo: SLO) -> dict[str, Any]:
         "output_tps": _r(sum(r.output_tokens for r in ok) / makespan if makespan > 0
                          else float("nan"), 2),
         "goodput_rps": _r(good / makespan if makespan > 0 else float("nan")),
+        "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s},
         "slo_attainment": _r(good / len(ok) if ok else float("nan")),
         "ttft_p50_s": _r(pct([r.ttft_s for r in ok], 50)),
         "ttft_p90_s": _r(pct([r.ttft_s for r in ok], 90)),
@@ -191,7 +208,7 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
              ratio_rows: Sequence[dict[str, Any]], mism: Sequence[dict[str, Any]],
              fails: Sequence[dict[str, Any]],
              sweeps: Optional[Sequence[dict[str, Any]]] = None) -> str:
-    slo = meta["slo"]
+    slos = meta["slo"]
     st = meta["settings"]
     L = [f"# Benchmark: TokenLake vs stock SGLang ({meta['settings']['workers']} workers)", "",
          f"Command: `{meta['command']}`", "",
@@ -199,8 +216,10 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
          f"{meta['settings']['page_size']}, TokenLake segment size "
          f"{meta['settings']['segment_size']}, --max-total-tokens "
          f"{meta['settings']['max_total_tokens']} per worker, device "
-         f"{meta['settings']['device'] or 'auto'}. SLO: TTFT <= {slo['ttft_s']} s and mean TBT "
-         f"<= {slo['tbt_s']} s. Wall time {meta.get('wall_s', 0):.0f} s.", ""]
+         f"{meta['settings']['device'] or 'auto'}. SLO: "
+         + "; ".join(f"{wl}: TTFT <= {x['ttft_s']:g} s and mean TBT <= {x['tbt_s']:g} s"
+                     for wl, x in slos.items())
+         + f". Wall time {meta.get('wall_s', 0):.0f} s.", ""]
     if st.get("cpu_quota"):
         L += [f"CPU budget: {st['cpu_quota']:g} cores per worker process tree "
               f"({st.get('cpu_quota_mechanism') or '?'}"
@@ -272,11 +291,12 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
     return "\n".join(L)
 
 
-def write(out_dir: Path, meta: dict[str, Any], results: Sequence[ConfigResult], slo: SLO
-          ) -> dict[str, Any]:
-    """bench.json, bench.md, requests.jsonl in ``out_dir``; returns the JSON document."""
+def write(out_dir: Path, meta: dict[str, Any], results: Sequence[ConfigResult],
+          slos: Mapping[str, SLO]) -> dict[str, Any]:
+    """bench.json, bench.md, requests.jsonl in ``out_dir``; returns the JSON document.
+    ``slos``: each workload's SLO, by workload name."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = [summarize(r, slo) for r in results]
+    summaries = [summarize(r, slos[r.workload]) for r in results]
     ratio_rows: list[dict[str, Any]] = []
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for s in summaries:
@@ -284,7 +304,8 @@ def write(out_dir: Path, meta: dict[str, Any], results: Sequence[ConfigResult], 
     for (wl, rate), ss in groups.items():
         ratio_rows += [{"wl": wl, "rate": rate, **r} for r in ratios(ss)]
     mism, fails = mismatches(results), failures(results)
-    doc = {"meta": {**meta, "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}},
+    doc = {"meta": {**meta, "slo": {wl: {"ttft_s": x.ttft_s, "tbt_s": x.tbt_s}
+                                    for wl, x in slos.items()}},
            "summaries": summaries, "ratios": ratio_rows, "mismatches": mism,
            "failures": fails[:200], "failed_requests": len(fails),
            "sweep": sweep.analyze(summaries, meta["sweep"]["target_attainment"])
