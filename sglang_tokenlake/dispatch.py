@@ -34,12 +34,16 @@ is served in one of four modes::
 3. Per owner, the mode that takes the least *time* (``Costs``; ties pull: pulled
    KV is reused by every later step)::
 
-       SHIP      = RTT x layers x (prefill passes + expected decode steps)
+       SHIP      = batch x RTT x layers x (prefill passes + expected decode steps)
                    + query bytes / bandwidth + owner attention compute
        PULL      = RTT + KV bytes / bandwidth
                    + memory: under pressure a pulled copy displaces cached
                      segments, charged as their expected recompute
-       RECOMPUTE = tokens x prefill seconds per token
+       RECOMPUTE = batch x tokens x prefill seconds per token
+
+   ``batch`` (``Costs.batch``) counts the requests in the executor's running batch,
+   this one included: a shipped layer's wait and a prefill pass stall every one of
+   them, while a pull moves on the pool's broker thread before the request runs.
 
    RTT and bandwidth are per owner (``Costs.links``, measured by the live pool);
    the defaults are priors until measurements exist.
@@ -119,6 +123,9 @@ class Costs:
     cached segments."""
     evicted_reuse: float = 0.5
     """Chance that an evicted segment is needed again (its recompute is charged)."""
+    batch: int = 1
+    """Requests whose forward passes a shipped layer's wait or a recompute stalls: the
+    executor's running batch, this request included (pulls stall none)."""
 
     def link(self, worker: str) -> Link:
         got = self.links.get(worker)
@@ -136,11 +143,12 @@ class Costs:
         """Seconds to ship ``query_tokens`` queries over ``passes`` forward passes to
         ``worker``, which attends them to ``cached_tokens`` of its segments."""
         rtt, bw, ship_rtt = self.link(worker)
-        return (max(rtt, ship_rtt) * shape.layers * passes + shape.query_bytes(query_tokens) / bw
+        stall = max(rtt, ship_rtt) * shape.layers * passes * max(self.batch, 1)
+        return (stall + shape.query_bytes(query_tokens) / bw
                 + self.attn_s_per_token_pair * query_tokens * cached_tokens)
 
     def recompute_s(self, tokens: int) -> float:
-        return tokens * self.recompute_s_per_token
+        return tokens * self.recompute_s_per_token * max(self.batch, 1)
 
 
 class Assignment(NamedTuple):

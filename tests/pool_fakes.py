@@ -71,6 +71,7 @@ class FakeHost:
         self.free = list(range(1, capacity + 1))
         self.rows = torch.zeros(8, 4096, dtype=torch.int32)
         self.queued = 0
+        self.running = 0
         self.pool: Optional[PoolLink] = None
         self.evicted: list[int] = []
         self.held: Optional[list[Callable[[], None]]] = None  # jobs of a busy scheduler
@@ -91,6 +92,9 @@ class FakeHost:
 
     def queued_tokens(self) -> int:
         return self.queued
+
+    def running_requests(self) -> int:
+        return self.running
 
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
         if len(self.free) < n:

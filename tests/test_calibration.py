@@ -104,3 +104,28 @@ def test_a_worker_short_of_memory_ships_instead_of_pulling():
     pressed = {d.mode for d in a.pool.transfers._decisions.get(req2)[1]} - {Mode.LOCAL}
     assert roomy == {Mode.PULL_KV} and pressed == {Mode.SHIP_QUERY}
     a.free.extend(held.tolist())
+
+
+def test_a_busy_worker_short_of_memory_pulls_rather_than_stall_its_batch():
+    net = FakeNet()
+    hosts = make_pool(net, [A, B], remote_mode="auto", transient_copies=False, capacity=40,
+                      link_rtt=1e-6, link_bandwidth=1e7, prefill_cost=1e-3, placement="segment")
+    net.heartbeat()
+    a, b = hosts[A], hosts[B]
+    tokens = list(range(100, 132))
+    b.compute(tokens)
+    for h in hosts.values():
+        h.pool.poll()
+    from test_pool_link import chain
+
+    keys, raw = chain(tokens)
+    held = a.alloc_slots(a.free_tokens())  # short of memory: alone, it ships (test above)
+    modes = {}
+    for running in (0, 1000):
+        a.running = running
+        req = fake_req(tokens, max_new=4)
+        _match(a, keys, raw, tokens, req)
+        modes[running] = {d.mode for d in a.pool.transfers._decisions.get(req)[1]} - {Mode.LOCAL}
+        a.pool.forget(req)
+    assert modes == {0: {Mode.SHIP_QUERY}, 1000: {Mode.PULL_KV}}
+    a.free.extend(held.tolist())

@@ -102,6 +102,22 @@ def test_memory_pressure_makes_pulling_cost_its_evictions():
     assert _plan([1], locations, {}, new=1, out=9, costs=pressed)[0].mode is Mode.SHIP_QUERY
 
 
+def test_a_running_batch_makes_shipping_and_recompute_cost_its_stalls():
+    # The pressed case above ships (3.4 ms against 14.5 ms). Every shipped layer's wait
+    # stalls the executor's whole running batch: 4 requests -> 4 x 3.2 ms + 0.2 ms =
+    # 13.0 ms still ships; 8 -> 25.8 ms, and the pull (which stalls nobody) wins.
+    locations = {1: {"b"}}
+    for batch, mode in ((1, Mode.SHIP_QUERY), (4, Mode.SHIP_QUERY), (8, Mode.PULL_KV)):
+        costs = Costs(memory_pressure=1.0, batch=batch)
+        assert _plan([1], locations, {}, new=1, out=9, costs=costs)[0].mode is mode, batch
+    # Recompute stalls the batch too: 256 x 103 us = 26 ms beats a 50 ms pull alone,
+    # not beside 2 running requests (79 ms).
+    slowish = Costs(bandwidth_Bps=33_554_432 / 0.05)
+    assert _plan([1], locations, {}, new=1000, out=0, costs=slowish)[0].mode is Mode.RECOMPUTE
+    busy = Costs(bandwidth_Bps=33_554_432 / 0.05, batch=3)
+    assert _plan([1], locations, {}, new=1000, out=0, costs=busy)[0].mode is Mode.PULL_KV
+
+
 def test_slow_links_recompute_on_the_executor():
     slow = Costs(bandwidth_Bps=1e6)  # 33.5 s to pull a segment, 26 ms to prefill it
     got = _plan([1, 2], {1: {"a"}, 2: {"e"}}, {}, new=1000, out=10, costs=slow)

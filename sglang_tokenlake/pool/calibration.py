@@ -129,7 +129,7 @@ class Calibration:
         avg = self.bandwidth.get(peer)
         return avg.get(self.prior.bandwidth_Bps) if avg is not None else self.prior.bandwidth_Bps
 
-    def costs(self, memory_pressure: float = 0.0) -> Costs:
+    def costs(self, memory_pressure: float = 0.0, batch: int = 1) -> Costs:
         links = {p: Link(self.rtt_of(p), self.bandwidth_of(p), self.ship_rtt_of(p))
                  for p in self.peers()}
         return replace(
@@ -141,6 +141,7 @@ class Calibration:
                            else self.prior.bandwidth_Bps),
             links=links,
             memory_pressure=min(1.0, max(0.0, memory_pressure)),
+            batch=max(1, batch),
         )
 
     def snapshot(self) -> dict[str, Any]:

@@ -58,6 +58,11 @@ class CacheHost(Protocol):
         """Prompt tokens of requests waiting to be scheduled (this worker's backlog)."""
         ...
 
+    def running_requests(self) -> int:
+        """Requests in the running (decode) batch now: each shipped layer's wait and
+        each prefill pass stalls them all."""
+        ...
+
     def alloc_slots(self, n: int) -> Optional[torch.Tensor]:
         """``n`` free slots (evicting if needed), or None."""
         ...

@@ -187,7 +187,8 @@ class Transfers:
         remote = sum(1 for n in run if n.value is None) * self.S
         short = remote - self.host.free_tokens()
         pressure = short / remote if remote and short > 0 else 0.0
-        costs = self.calibration.costs(pressure)
+        # A shipped layer's wait or a recompute stalls the running batch and this request.
+        costs = self.calibration.costs(pressure, batch=1 + self.host.running_requests())
         plan = self.policy.dispatch([n.key for n in run], locations, self.view.loads(),
                                     executor=self.self_id, new_tokens=new_tokens,
                                     expected_output_tokens=min(max_new_tokens, DECODE_STEPS_CAP),

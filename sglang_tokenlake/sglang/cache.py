@@ -236,10 +236,9 @@ class TokenLakeCache(BasePrefixCache):
                       skip: Any = frozenset()) -> Any:
         """Insert segments ``keys`` whose KV sits in ``slots`` (one slot per token).
 
-        Only the part the tree does not hold yet is copied, once, into a tensor
-        the new nodes share as runs ``(base, start)``; copying only that part
-        keeps a long shared prefix from being retained by every insert.
-        """
+        Only the part the tree does not hold yet is copied, once, into a tensor the new
+        nodes share as runs ``(base, start)``: a long shared prefix is not retained by
+        every insert."""
         S = self.segment_size
         path = self.tree.walk(keys)
         first_new = 0
@@ -437,8 +436,10 @@ class TokenLakeCache(BasePrefixCache):
         return int(self.token_to_kv_pool_allocator.available_size())
 
     def queued_tokens(self) -> int:
-        queue = getattr(self._scheduler, "waiting_queue", None) or ()
-        return sum(len(r.origin_input_ids) for r in queue)
+        return sum(len(r.origin_input_ids) for r in getattr(self._scheduler, "waiting_queue", ()))
+
+    def running_requests(self) -> int:
+        return len(getattr(getattr(self._scheduler, "running_batch", None), "reqs", None) or ())
 
     # -- scheduler-thread work ---------------------------------------------------
 

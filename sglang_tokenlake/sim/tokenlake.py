@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 from sglang_tokenlake.dispatch import Mode
 from sglang_tokenlake.placement import Placement
@@ -134,8 +135,10 @@ class TokenLake(Policy):
         if k:
             loads = {w: x.backlog(now) for w, x in zip(self.ids, self.cluster.instances)}
             new = req.input_tokens - k * seg
+            # As live: shipping and recompute stall the executor's running requests too.
+            costs = replace(self.costs, batch=1 + self.cluster.instances[ex].inflight(now))
             out = self.policy.dispatch(full[:k], loc, loads, executor=ex_id, new_tokens=new,
-                                       expected_output_tokens=req.output_tokens)
+                                       expected_output_tokens=req.output_tokens, costs=costs)
             ship_owners = set()
             for a in out:
                 self._modes[a.mode.value] += 1
