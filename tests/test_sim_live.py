@@ -68,3 +68,33 @@ def test_the_replay_uses_the_runs_tokenlake_policy_flags():
                                         "--tokenlake-replica-budget", "0.1"]})
     assert pol.placement == "executor" and pol.replica_budget == 0.1
     assert pol == PolicyConfig(placement="executor", replica_budget=0.1)
+
+
+def test_a_sweep_compares_each_rate_with_its_own_replay(tmp_path):
+    run = _bench(tmp_path, ["stock-rr", "tokenlake-p2c"])
+    bench = json.loads((run / "bench.json").read_text())
+    slow = dict(PARAMS, rate=0.5)
+    bench["meta"]["workloads"].append({"name": "docs", "params": slow})
+    bench["summaries"] += [{"workload": "docs", "rate": 0.5, "config": c, "hit_rate": 0.4,
+                            "load_cv_requests": 0.2} for c in ("stock-rr", "tokenlake-p2c")]
+    (run / "bench.json").write_text(json.dumps(bench))
+    rows = compare(run)
+    # One row per measured (rate, configuration), never a rate against another's replay.
+    assert [(r["rate"], r["config"]) for r in rows] == [
+        (2.0, "stock-rr"), (2.0, "tokenlake-p2c"), (0.5, "stock-rr"), (0.5, "tokenlake-p2c")]
+    assert [r["measured_hit_rate"] for r in rows] == [0.5, 0.5, 0.4, 0.4]
+    assert {r["policy"] for r in rows if r["config"] == "tokenlake-p2c"} == {"tokenlake"}
+
+
+def test_power_of_two_takes_the_less_busy_of_two_random_workers():
+    from sglang_tokenlake.sim.engine import simulate
+    from sglang_tokenlake.sim.model import SimConfig
+
+    wl, _ = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
+    cfg = SimConfig(4, 4096 // 64, 64)
+    served = {ex: simulate(wl, "tokenlake", cfg.__class__(**{**cfg.__dict__,
+                                                          "tokenlake_executor": ex})).served
+              for ex in ("round_robin", "power_of_two")}
+    assert served["round_robin"] == [8, 8, 7, 7]
+    p2c = served["power_of_two"]
+    assert sum(p2c) == 30 and p2c != served["round_robin"] and min(p2c) > 0

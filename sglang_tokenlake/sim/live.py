@@ -10,6 +10,7 @@ policy for each measured configuration on them:
     stock-rr                 -> stock        (per-worker LRU, round robin)
     stock-cache-aware        -> cache_aware  (sglang-router 0.3.2's rule)
     tokenlake-rr             -> tokenlake    (PoolPolicy; executor round robin)
+    tokenlake-p2c            -> tokenlake    (PoolPolicy; executor power of two choices)
     tokenlake-least-load     -> tokenlake    (PoolPolicy; executor least queued work)
 
 with each worker's cache holding ``max_total_tokens`` (shrunk by its running
@@ -41,8 +42,10 @@ from sglang_tokenlake.sim.model import SimConfig
 from sglang_tokenlake.sim.workloads import Request, Workload
 
 POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
-             "tokenlake-rr": "tokenlake", "tokenlake-least-load": "tokenlake"}
-EXECUTOR_OF = {"tokenlake-rr": "round_robin"}  # else the simulator's least-loaded choice
+             "tokenlake-rr": "tokenlake", "tokenlake-p2c": "tokenlake",
+             "tokenlake-least-load": "tokenlake"}
+EXECUTOR_OF = {"tokenlake-rr": "round_robin", "tokenlake-p2c": "power_of_two"}
+"""Else the simulator's least-loaded choice."""
 _SEED = request_namespace("tokenlake-live-replay")
 
 
@@ -130,8 +133,9 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
         cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
                         policy=policy_of(settings))
         sims: dict[str, Any] = {}
-        for s in bench["summaries"]:
-            if s["workload"] != name or s["config"] not in POLICY_OF:
+        rate = float(meta_wl["params"]["rate"])
+        for s in bench["summaries"]:  # this workload at this rate (a sweep has several)
+            if s["workload"] != name or s["rate"] != rate or s["config"] not in POLICY_OF:
                 continue
             pol = POLICY_OF[s["config"]]
             ex = EXECUTOR_OF.get(s["config"], "least_loaded")

@@ -59,8 +59,9 @@ class SimConfig:
     the sum over instances. False: caches always hold ``capacity_blocks``."""
     tokenlake_executor: str = "least_loaded"
     """TokenLake: how the front end picks a request's worker: ``least_loaded`` (least
-    queued work, ties to the one holding most of its prefix) or ``round_robin`` (the
-    harness's round-robin front end)."""
+    queued work, ties to the one holding most of its prefix), ``round_robin`` or
+    ``power_of_two`` (sglang-router's: of two random workers, the one with fewer
+    requests in flight; ties to the first)."""
     shared_prefix_kv: bool = False
     """With ``memory_pressure``: count only the prompt KV a running request holds outside
     its executor's cache (``Outcome.held_tokens``; SGLang's running requests share their

@@ -26,6 +26,7 @@ Per request:
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -97,6 +98,7 @@ class TokenLake(Policy):
         self.horizons = Horizons(self.caches)
         self.costs = cfg.costs
         self._served = 0
+        self._rng = random.Random(0)  # power_of_two's two samples
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
         self._replicas_made = 0
         self._replicas_dropped = 0
@@ -124,6 +126,10 @@ class TokenLake(Policy):
         if self.cfg.tokenlake_executor == "round_robin":
             ex = self._rr % n
             self._rr += 1
+        elif self.cfg.tokenlake_executor == "power_of_two":  # sglang-router's rule
+            a, b = self._rng.sample(range(n), 2) if n > 1 else (0, 0)
+            xs = self.cluster.instances
+            ex = a if xs[a].inflight(now) <= xs[b].inflight(now) else b
         else:
             ex = self.least_loaded(now, extra)
         ex_id = self.ids[ex]
