@@ -153,3 +153,51 @@ def test_mismatch_detection_names_the_request():
     m = mismatches([res("a", [1, 2, 3]), res("b", [1, 2, 3]), res("c", [1, 9, 3])])
     assert len(m) == 1 and m[0]["rid"] == "docs-0" and m[0]["first_diff"] == 1
     assert m[0]["config"].startswith("c@")
+
+
+def test_the_proxy_resends_a_request_whose_connection_the_worker_closed_unanswered():
+    """A worker may close an idle keep-alive connection just as the proxy reuses it: the
+    request is never read. The proxy sends it once more instead of failing it."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from sglang_tokenlake.bench.proxy import make_app
+
+    async def scenario():
+        conns = []
+
+        async def upstream(reader, writer):
+            conns.append(writer)
+            head = await reader.readuntil(b"\r\n\r\n")
+            n = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                         if line.lower().startswith(b"content-length")))
+            body = await reader.readexactly(n)
+            if len(conns) == 1:  # the first connection closes without an answer
+                writer.close()
+                return
+            out = b'{"echo": ' + body + b"}"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(out), out))
+            await writer.drain()
+            writer.close()
+
+        srv = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        runner = web.AppRunner(make_app([f"http://127.0.0.1:{port}"], "round_robin"))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        proxy_port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as c:
+                async with c.post(f"http://127.0.0.1:{proxy_port}/generate",
+                                  json={"input_ids": [1, 2]}) as r:
+                    return r.status, await r.json(), len(conns)
+        finally:
+            await runner.cleanup()
+            srv.close()
+
+    status, body, connections = asyncio.run(scenario())
+    assert (status, body, connections) == (200, {"echo": {"input_ids": [1, 2]}}, 2)

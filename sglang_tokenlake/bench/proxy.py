@@ -91,6 +91,10 @@ class Balancer:
         self.inflight[i] -= 1
 
 
+KEEPALIVE_S = 2.0
+"""Seconds the proxy keeps an idle connection to a worker open."""
+
+
 def make_app(worker_urls: list[str], policy: str):  # -> aiohttp.web.Application
     import aiohttp
     from aiohttp import web
@@ -99,8 +103,10 @@ def make_app(worker_urls: list[str], policy: str):  # -> aiohttp.web.Application
     state: dict[str, Optional[aiohttp.ClientSession]] = {"session": None}
 
     async def on_startup(app: web.Application) -> None:
+        # Idle connections close here before the worker's server closes them (uvicorn:
+        # 5 s), so a request is rarely sent on a connection the worker is closing.
         state["session"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
 
     async def on_cleanup(app: web.Application) -> None:
@@ -113,8 +119,15 @@ def make_app(worker_urls: list[str], policy: str):  # -> aiohttp.web.Application
         session = state["session"]
         assert session is not None
         try:
-            async with session.post(worker_urls[i] + request.path, data=payload,
-                                    headers={"Content-Type": "application/json"}) as up:
+            try:
+                up = await session.post(worker_urls[i] + request.path, data=payload,
+                                        headers={"Content-Type": "application/json"})
+            except aiohttp.ServerDisconnectedError:
+                # The worker closed a reused keep-alive connection before answering (it
+                # had not read the request): send it once more, on a new connection.
+                up = await session.post(worker_urls[i] + request.path, data=payload,
+                                        headers={"Content-Type": "application/json"})
+            async with up:
                 resp = web.StreamResponse(status=up.status, headers={
                     "Content-Type": up.headers.get("Content-Type", "application/json"),
                     "X-Bench-Worker": str(i)})
