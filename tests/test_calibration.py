@@ -7,7 +7,7 @@ import pytest
 from pool_fakes import FakeNet, make_pool
 from test_pool_link import A, B, S, _match, _remote_setup, fake_req
 
-from sglang_tokenlake.dispatch import Costs, Link, Mode
+from sglang_tokenlake.dispatch import Costs, Link, Mode, ModelShape, plan
 from sglang_tokenlake.pool.calibration import ALPHA, MIN_TRANSFER_BYTES, Average, Calibration
 
 
@@ -129,3 +129,42 @@ def test_a_busy_worker_short_of_memory_pulls_rather_than_stall_its_batch():
         a.pool.forget(req)
     assert modes == {0: {Mode.SHIP_QUERY}, 1000: {Mode.PULL_KV}}
     a.free.extend(held.tolist())
+
+
+def test_until_shipping_to_an_owner_is_measured_a_layer_waits_one_layer_of_a_pass_here():
+    c = Calibration(Costs())
+    c.observe_rtt("p", 1e-3)  # heartbeats echo at once
+    assert c.costs().link("p").ship_rtt_s == 0.0  # nothing measured: the echo is all there is
+    c.layers = 4
+    c.observe_pass(0.4)
+    assert c.costs().link("p").ship_rtt_s == pytest.approx(0.1)  # 0.4 s / 4 layers
+    assert c.snapshot()["links"]["p"]["ship_source"] == "passes"
+    c.observe_ship("p", 0.02)  # measured: the measurement, not the prior
+    assert c.costs().link("p").ship_rtt_s == pytest.approx(0.02)
+    assert c.snapshot()["links"]["p"]["ship_source"] == "measured"
+    c.pinned["rtt_s"] = 5e-4
+    assert c.costs().link("p").ship_rtt_s == 0.0
+
+
+def test_a_worker_never_ships_blind_to_an_owner_whose_partials_it_has_not_timed():
+    # Short of memory, an unmeasured owner looked as fast as its heartbeat echo: every
+    # worker shipped once to each owner (12 shipped requests in the longdoc auto run, each
+    # stretching its executor's passes). With this worker's own passes as the prior, it pulls.
+    shape = ModelShape(layers=4, q_heads=8, kv_heads=2, head_dim=16, dtype_bytes=4)
+    keys = list(range(1, 89))  # a 5,632-token context at one owner
+    where = {k: {"b"} for k in keys}
+
+    def mode(costs):
+        got = plan(keys, where, {}, executor="e", new_tokens=20, expected_output_tokens=16,
+                   segment_size=64, shape=shape, costs=costs)
+        return {a.mode for a in got}
+
+    # Blind: 1 ms x 4 layers x 17 passes = 0.07 s to ship against 0.06 s of bytes plus
+    # 0.5 x 5,632 x 0.7 ms = 2 s of evictions to pull.
+    blind = Costs(recompute_s_per_token=7e-4, memory_pressure=1.0, links={"b": Link(1e-3, 1e8)})
+    assert mode(blind) == {Mode.SHIP_QUERY}
+    c = Calibration(Costs(), prefill_s_per_token=7e-4, bandwidth_Bps=1e8)
+    c.layers = 4
+    c.observe_rtt("b", 1e-3)
+    c.observe_pass(0.5)  # this worker's passes take 0.5 s: 125 ms a layer -> 8.5 s to ship
+    assert mode(c.costs(memory_pressure=1.0)) == {Mode.PULL_KV}

@@ -62,6 +62,9 @@ class Calibration:
         self.pinned = {"prefill_s_per_token": prefill_s_per_token, "rtt_s": rtt_s,
                        "bandwidth_Bps": bandwidth_Bps}
         self.prefill = Average()
+        self.passes = Average()
+        self.layers = 1
+        """Layers of the served model (set by the pool): a pass's time per layer."""
         self.attention = Average()
         self.rtt: dict[str, Average] = {}
         self.ship_rtt: dict[str, Average] = {}
@@ -72,6 +75,10 @@ class Calibration:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
             self.prefill.add(seconds / tokens)
+
+    def observe_pass(self, seconds: float) -> None:
+        """One forward pass (prefill or decode) of this worker took ``seconds``."""
+        self.passes.add(seconds)
 
     def observe_rtt(self, peer: str, seconds: float) -> None:
         self.rtt.setdefault(peer, Average()).add(seconds)
@@ -116,11 +123,16 @@ class Calibration:
         return set(self.rtt) | set(self.bandwidth) | set(self.ship_rtt)
 
     def ship_rtt_of(self, peer: str) -> float:
-        """Measured shipping round trip to ``peer``; 0 when unmeasured or RTT is pinned."""
+        """Shipping round trip per layer to ``peer``: measured; until then one layer of this
+        worker's mean forward pass (an owner as busy as this worker answers a layer's queries
+        once its own layer is done: a heartbeat's echo, answered at once, says nothing of
+        that); 0 while nothing is measured or when RTT is pinned."""
         if self.pinned["rtt_s"] is not None:
             return 0.0
         avg = self.ship_rtt.get(peer)
-        return avg.get(0.0) if avg is not None else 0.0
+        if avg is not None and avg.samples:
+            return avg.get(0.0)
+        return self.passes.get(0.0) / max(self.layers, 1)
 
     def bandwidth_of(self, peer: str) -> float:
         pin = self.pinned["bandwidth_Bps"]
@@ -131,7 +143,7 @@ class Calibration:
 
     def costs(self, memory_pressure: float = 0.0, batch: int = 1) -> Costs:
         links = {p: Link(self.rtt_of(p), self.bandwidth_of(p), self.ship_rtt_of(p))
-                 for p in self.peers()}
+                 for p in self.peers()}  # peers: those with any measurement (heartbeats)
         return replace(
             self.prior,
             recompute_s_per_token=self.prefill_s_per_token(),
@@ -157,8 +169,11 @@ class Calibration:
             "prefill_source": source("prefill_s_per_token", self.prefill),
             "attn_s_per_token_pair": self.attention.get(self.prior.attn_s_per_token_pair),
             "attn_source": source("attn", self.attention),
+            "pass_s": self.passes.get(0.0),
             "links": {p: {"rtt_s": self.rtt_of(p), "bandwidth_Bps": self.bandwidth_of(p),
                           "ship_rtt_s": self.ship_rtt_of(p),
+                          "ship_source": ("pinned" if self.pinned["rtt_s"] is not None else
+                                          "measured" if p in self.ship_rtt else "passes"),
                           "ship_samples": self.ship_rtt[p].samples if p in self.ship_rtt else 0,
                           "rtt_samples": self.rtt[p].samples if p in self.rtt else 0,
                           "bandwidth_samples": (self.bandwidth[p].samples

@@ -81,6 +81,7 @@ class Transfers:
         self.seg_bytes = self.server.seg_bytes
         self.remote: Optional[RemoteAttention] = None  # set by the link
         self.calibration = calibration or Calibration()
+        self.calibration.layers = self.layout.layers
         self.ship_ok = True  # query shipping possible on this worker (set by the adapter)
         self._pulls: dict[int, tuple[Future, int, float]] = {}  # key -> (future, index, started)
         self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged

@@ -56,8 +56,13 @@ def around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any, **kw
     finally:
         if shipping:
             eng.end_forward(batch)
-        if tokens and not shipping:  # dispatch's prefill cost, from this worker's own passes
-            pool.calibration.observe_prefill(tokens, time.perf_counter() - started)
+        # Dispatch's prefill cost and pass time, from this worker's own passes (their wall
+        # time is their compute time only without overlap scheduling).
+        if not shipping and not getattr(scheduler, "enable_overlap", True):
+            elapsed = time.perf_counter() - started
+            pool.calibration.observe_pass(elapsed)
+            if tokens:
+                pool.calibration.observe_prefill(tokens, elapsed)
 
 
 def around_process_batch_result(original: Any, scheduler: Any, batch: Any, *args: Any,
