@@ -290,3 +290,17 @@ def test_a_waiting_request_matched_again_reuses_its_key_chain():
     cache.match_prefix(MatchPrefixParams(key=key, req=FakeReq("c", list(range(1, 35)))))
     assert cache.stats.lookup_memo_hits == 1
     assert_invariant(cache, sched)
+
+
+def test_the_pool_reads_the_schedulers_backlog_and_running_batch():
+    """Dispatch charges shipping and recompute per running request (``running_requests``);
+    the pool's load is the waiting prompts (``queued_tokens``)."""
+    from types import SimpleNamespace
+
+    cache, _, _ = make()
+    assert cache.running_requests() == 0 and cache.queued_tokens() == 0  # no scheduler yet
+    a, b = FakeReq("a", list(range(1, 13))), FakeReq("b", list(range(50, 70)))
+    cache._scheduler = SimpleNamespace(waiting_queue=[b], running_batch=SimpleNamespace(reqs=[a, b]))
+    assert cache.running_requests() == 2 and cache.queued_tokens() == 20
+    cache._scheduler = SimpleNamespace(waiting_queue=None, running_batch=None)
+    assert cache.running_requests() == 0 and cache.queued_tokens() == 0

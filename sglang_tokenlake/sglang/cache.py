@@ -236,9 +236,8 @@ class TokenLakeCache(BasePrefixCache):
                       skip: Any = frozenset()) -> Any:
         """Insert segments ``keys`` whose KV sits in ``slots`` (one slot per token).
 
-        Only the part the tree does not hold yet is copied, once, into a tensor the new
-        nodes share as runs ``(base, start)``: a long shared prefix is not retained by
-        every insert."""
+        Only the part the tree does not hold yet is copied, once, into a tensor the new nodes
+        share as runs ``(base, start)``: a shared prefix is not retained by every insert."""
         S = self.segment_size
         path = self.tree.walk(keys)
         first_new = 0
@@ -436,7 +435,8 @@ class TokenLakeCache(BasePrefixCache):
         return int(self.token_to_kv_pool_allocator.available_size())
 
     def queued_tokens(self) -> int:
-        return sum(len(r.origin_input_ids) for r in getattr(self._scheduler, "waiting_queue", ()))
+        queue = getattr(self._scheduler, "waiting_queue", None) or ()
+        return sum(len(r.origin_input_ids) for r in queue)
 
     def running_requests(self) -> int:
         return len(getattr(getattr(self._scheduler, "running_batch", None), "reqs", None) or ())
