@@ -81,19 +81,23 @@ def test_heartbeats_and_pulls_calibrate_the_links_and_dispatch_uses_them():
     a.pool.forget(req)
 
 
-def test_a_worker_short_of_memory_ships_instead_of_pulling():
+def _chain_at_b():
+    """Two workers (auto mode, pinned links); B computed a 32-token chain A can use."""
+    from test_pool_link import chain
+
     net = FakeNet()
     hosts = make_pool(net, [A, B], remote_mode="auto", transient_copies=False, capacity=40,
                       link_rtt=1e-6, link_bandwidth=1e7, prefill_cost=1e-3, placement="segment")
     net.heartbeat()
-    a, b = hosts[A], hosts[B]
     tokens = list(range(100, 132))
-    b.compute(tokens)
+    hosts[B].compute(tokens)
     for h in hosts.values():
         h.pool.poll()
-    from test_pool_link import chain
+    return hosts[A], tokens, *chain(tokens)
 
-    keys, raw = chain(tokens)
+
+def test_a_worker_short_of_memory_ships_instead_of_pulling():
+    a, tokens, keys, raw = _chain_at_b()
     req = fake_req(tokens, max_new=4)
     _match(a, keys, raw, tokens, req)
     roomy = {d.mode for d in a.pool.transfers._decisions.get(req)[1]} - {Mode.LOCAL}
@@ -107,18 +111,7 @@ def test_a_worker_short_of_memory_ships_instead_of_pulling():
 
 
 def test_a_busy_worker_short_of_memory_pulls_rather_than_stall_its_batch():
-    net = FakeNet()
-    hosts = make_pool(net, [A, B], remote_mode="auto", transient_copies=False, capacity=40,
-                      link_rtt=1e-6, link_bandwidth=1e7, prefill_cost=1e-3, placement="segment")
-    net.heartbeat()
-    a, b = hosts[A], hosts[B]
-    tokens = list(range(100, 132))
-    b.compute(tokens)
-    for h in hosts.values():
-        h.pool.poll()
-    from test_pool_link import chain
-
-    keys, raw = chain(tokens)
+    a, tokens, keys, raw = _chain_at_b()
     held = a.alloc_slots(a.free_tokens())  # short of memory: alone, it ships (test above)
     modes = {}
     for running in (0, 1000):
