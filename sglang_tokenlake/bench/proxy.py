@@ -119,14 +119,16 @@ def make_app(worker_urls: list[str], policy: str):  # -> aiohttp.web.Application
         session = state["session"]
         assert session is not None
         try:
+            def send():  # -> the pending response
+                return session.post(worker_urls[i] + request.path, data=payload,
+                                    headers={"Content-Type": "application/json"})
+
             try:
-                up = await session.post(worker_urls[i] + request.path, data=payload,
-                                        headers={"Content-Type": "application/json"})
+                up = await send()
             except aiohttp.ServerDisconnectedError:
                 # The worker closed a reused keep-alive connection before answering (it
                 # had not read the request): send it once more, on a new connection.
-                up = await session.post(worker_urls[i] + request.path, data=payload,
-                                        headers={"Content-Type": "application/json"})
+                up = await send()
             async with up:
                 resp = web.StreamResponse(status=up.status, headers={
                     "Content-Type": up.headers.get("Content-Type", "application/json"),
