@@ -8,7 +8,11 @@
    Also "gather": the broker gathers the KV from a KV pool (kvio.gather) per
    request, as a worker serving a pull does.
 2. RPC round trip: a small request and its reply, p50/p99. TokenLake: Client ->
-   Broker "ping". Baseline: bare ZeroMQ REQ/REP with a 64-byte message.
+   Broker "ping" (the CLI's path), PeerAgent -> Broker "ping" (the pool's path
+   between workers for heartbeats, pulls and leases: the caller hands the request
+   to the agent thread and waits on a future) and the same with ``direct=True``
+   (a forward pass's shipped queries: sent and received on the caller's thread).
+   Baseline: bare ZeroMQ REQ/REP with a 64-byte message.
 
 Servers run in their own processes. Prints a table with ratios, writes JSON.
 
@@ -89,6 +93,9 @@ def _broker_server(port_q: mp.Queue, sizes: list[int], gather_layout: tuple | No
 
     def get(req):
         size = req.msg.header["size"]
+        if size not in payloads:  # the warm-up of a round-trip measurement
+            req.reply("kv", {"found": [False]})
+            return
         if kv is not None and req.msg.header.get("gather"):
             import torch
 
@@ -186,6 +193,27 @@ def bench_rtt_broker(endpoint: str, n: int) -> list[float]:
     return out
 
 
+def bench_rtt_agent(endpoint: str, n: int, direct: bool = False) -> list[float]:
+    from sglang_tokenlake.transport.peers import PeerAgent
+
+    agent = PeerAgent(heartbeat_interval=10.0)
+    agent.start()
+    agent.connect("srv", endpoint)
+    _warm_up(agent, {"size": 0})
+    while direct and not agent.counters["direct_sent"]:  # until this thread's socket is up
+        agent.request("srv", "ping", timeout=10, direct=True).result(15)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        agent.request("srv", "ping", timeout=10, direct=direct).result(15)
+        out.append(time.perf_counter() - t0)
+    sent = agent.counters["direct_sent"]
+    agent.close()
+    if direct and sent < n:
+        raise RuntimeError(f"only {sent} of {n} direct requests went direct")
+    return out
+
+
 def bench_rtt_zmq(port: int, n: int) -> list[float]:
     import zmq
 
@@ -248,17 +276,26 @@ def main() -> int:
         gs = f"{gat / 1e9:>19.2f} {gat / tcp:>6.2f}" if gat else f"{'-':>19} {'-':>6}"
         print(f"{size // 1024:>8}Ki {tcp / 1e9:>13.2f} {brk / 1e9:>12.2f} {brk / tcp:>6.2f} {gs}")
     n_rtt = 500 if a.quick else 3000
-    rb = bench_rtt_broker(broker_ep, n_rtt)
-    rz = bench_rtt_zmq(rep_port, n_rtt)
-    rtt = {
-        "broker_p50_us": 1e6 * pct(rb, 0.5), "broker_p99_us": 1e6 * pct(rb, 0.99),
-        "zmq_p50_us": 1e6 * pct(rz, 0.5), "zmq_p99_us": 1e6 * pct(rz, 0.99),
-    }
-    rtt["p50_ratio"] = rtt["broker_p50_us"] / rtt["zmq_p50_us"]
-    rtt["p99_ratio"] = rtt["broker_p99_us"] / rtt["zmq_p99_us"]
-    print(f"\nRPC round trip ({n_rtt}): broker p50 {rtt['broker_p50_us']:.0f} us p99 "
-          f"{rtt['broker_p99_us']:.0f} us | bare ZeroMQ REQ/REP p50 {rtt['zmq_p50_us']:.0f} us p99 "
-          f"{rtt['zmq_p99_us']:.0f} us | ratio p50 {rtt['p50_ratio']:.2f} p99 {rtt['p99_ratio']:.2f}")
+    # Interleaved rounds: the machine's drift falls on every path alike.
+    rb, ra, rd, rz = [], [], [], []
+    for _ in range(5):
+        rz += bench_rtt_zmq(rep_port, n_rtt // 5)
+        rb += bench_rtt_broker(broker_ep, n_rtt // 5)
+        ra += bench_rtt_agent(broker_ep, n_rtt // 5)
+        rd += bench_rtt_agent(broker_ep, n_rtt // 5, direct=True)
+    rtt = {"zmq_p50_us": 1e6 * pct(rz, 0.5), "zmq_p99_us": 1e6 * pct(rz, 0.99)}
+    for path, xs in (("broker", rb), ("agent", ra), ("direct", rd)):
+        rtt[f"{path}_p50_us"] = 1e6 * pct(xs, 0.5)
+        rtt[f"{path}_p99_us"] = 1e6 * pct(xs, 0.99)
+    for path in ("broker", "agent", "direct"):
+        rtt[f"{path}_p50_ratio"] = rtt[f"{path}_p50_us"] / rtt["zmq_p50_us"]
+        rtt[f"{path}_p99_ratio"] = rtt[f"{path}_p99_us"] / rtt["zmq_p99_us"]
+    print(f"\nRPC round trip ({n_rtt} each, 5 interleaved rounds), p50 / p99 us:")
+    print(f"  bare ZeroMQ REQ/REP          {rtt['zmq_p50_us']:6.0f} / {rtt['zmq_p99_us']:6.0f}")
+    for path, what in (("broker", "Client -> Broker (CLI)"), ("agent", "PeerAgent -> Broker (pool)"),
+                       ("direct", "PeerAgent direct (shipping)")):
+        print(f"  {what:28s} {rtt[f'{path}_p50_us']:6.0f} / {rtt[f'{path}_p99_us']:6.0f}"
+              f"   ratio {rtt[f'{path}_p50_ratio']:.2f} / {rtt[f'{path}_p99_ratio']:.2f}")
     for pr in procs:
         pr.terminate()
     out = {"benchmark": "transport", "inflight": a.inflight, "kv_shipping": rows, "rpc": rtt,

@@ -237,9 +237,11 @@ class FakeAgent:
         pass
 
     def request(self, peer: str, kind: str, header: Optional[dict[str, Any]] = None,
-                buffers: Sequence[Any] = (), *, timeout: float = 5.0) -> Future:
+                buffers: Sequence[Any] = (), *, timeout: float = 5.0,
+                direct: bool = False) -> Future:
         fut: Future = Future()
         self.counters["sent"] += 1
+        self.counters["direct_sent"] = self.counters.get("direct_sent", 0) + int(direct)
         h = copy.deepcopy(header or {})
         target = self.net.links.get(peer)
         if (target is None or peer in self.net.down or self.self_id in self.net.down

@@ -288,7 +288,8 @@ class _SlowAttends:
     def __getattr__(self, name):
         return getattr(self.agent, name)
 
-    def request(self, peer, kind, header=None, buffers=(), *, timeout=5.0):
+    def request(self, peer, kind, header=None, buffers=(), *, timeout=5.0, direct=False):
+        # Answered on a timer thread, so through the agent whatever ``direct`` asks.
         import threading
         from concurrent.futures import Future
 

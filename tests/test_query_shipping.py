@@ -91,6 +91,10 @@ def test_outputs_identical_to_stock_with_prefix_split_over_owners(pool, n_owners
     assert c.get("query_bytes", 0) > before.get("query_bytes", 0)
     assert c.get("partial_bytes", 0) > before.get("partial_bytes", 0)
     assert c.get("pulled_segments", 0) == before.get("pulled_segments", 0)  # nothing pulled
+    # Every pass's queries after the first few went out and came back on the scheduler's own
+    # sockets, not through the peer agent's thread.
+    direct = c.get("agent_direct_replies", 0) - before.get("agent_direct_replies", 0)
+    assert direct >= 72 * n_owners
     served = [fetch_status(addr)["pool"]["counters"].get("attend_served", 0) for addr in owners]
     assert all(s > 0 for s in served)
     # The executor holds no copy of the remote prefix afterwards either.

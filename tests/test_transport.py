@@ -172,6 +172,59 @@ def test_agent_requests_timeouts_and_backpressure(broker):
         agent.close()
 
 
+def test_direct_requests_skip_the_agent_thread_and_are_received_by_their_sender(broker):
+    b, ep = broker
+    agent = PeerAgent(heartbeat_interval=10.0)
+    agent.start()
+    try:
+        agent.connect("srv", ep)
+        _wait_connected(agent, "srv")
+
+        def direct_echo():  # the first direct request may find its own socket still connecting
+            f = agent.request("srv", "echo", {"k": 1}, [b"q"], direct=True)
+            return f if agent.counters["direct_sent"] else f.result(5) and None
+
+        first = wait_until(direct_echo, 10, "a direct socket to connect", interval=0.02)
+        sent_by_agent = agent.counters["sent"]
+        got = []
+        first.add_done_callback(lambda f: got.append(threading.get_ident()))
+        assert bytes(first.result(5).buffers[0]) == b"q"
+        assert got == [threading.get_ident()]  # resolved on this thread, as it waited
+        futs = [agent.request("srv", "echo", {"i": i}, direct=True) for i in range(3)]
+        assert [f.result(5).header["i"] for f in reversed(futs)] == [2, 1, 0]
+        with pytest.raises(PeerError, match="nope"):
+            agent.request("srv", "fail", direct=True).result(5)
+        assert agent.counters["sent"] == sent_by_agent  # none of them went through the agent
+        assert agent.counters["direct_replies"] == 5
+        # A reply only its sender can read; another thread's wait is refused.
+        fut = agent.request("srv", "ping", direct=True)
+        errors = []
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, fut.result, 5)))
+        t.start()
+        t.join()
+        assert errors and fut.result(5).kind == "pong"
+        # The caller's own timeout leaves the request pending; its deadline fails it.
+        slow = agent.request("srv", "never", timeout=0.3, direct=True)
+        with pytest.raises(TimeoutError):
+            slow.result(0.05)
+        assert not slow.done()
+        with pytest.raises(TimeoutError, match="no reply"):
+            slow.result(5)
+        assert agent.counters["direct_timeouts"] == 1
+        # A reconnected peer gets a fresh socket; the old one's requests fail at once.
+        stale = agent.request("srv", "never", timeout=5, direct=True)
+        agent.connect("srv", ep)
+        wait_until(lambda: agent.request("srv", "ping", direct=True).result(5).kind == "pong"
+                   and agent.counters["direct_sent"] > 8, 10, "a new direct socket")
+        with pytest.raises(ConnectionError, match="reconnected or left"):
+            stale.result(0)
+    finally:
+        agent.close()
+    # After close a direct request falls back to the stopped agent: its caller times out.
+    with pytest.raises(TimeoutError):
+        agent.request("srv", "ping", direct=True).result(0.1)
+
+
 def test_agent_against_a_dead_peer_fails_fast():
     agent = PeerAgent(heartbeat_interval=0.05)
     agent.start()

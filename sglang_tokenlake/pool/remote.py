@@ -293,10 +293,13 @@ class RemoteAttention:
         }
         buf = qs.view(torch.uint8).numpy().reshape(-1)
         self.counters.add("query_bytes", buf.nbytes)
-        fut = self.agent.request(owner, "attend", header, [buf], timeout=self.query_timeout)
+        # Direct: this (scheduler) thread sends and, after its local partial, reads the
+        # reply itself; no hand-off to the agent thread on a forward pass's path.
+        fut = self.agent.request(owner, "attend", header, [buf], timeout=self.query_timeout,
+                                 direct=True)
         sent = time.monotonic()
 
-        def timed(f: Future) -> None:  # agent thread: the owner's answer, queueing included
+        def timed(f: Future) -> None:  # the owner's answer, queueing included, once read
             if f.exception() is None:
                 self.calibration.observe_ship(owner, time.monotonic() - sent)
 

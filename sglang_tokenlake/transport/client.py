@@ -47,6 +47,7 @@ class Client:
             self.sock.curve_secretkey = curve.secret
         self.sock.connect(endpoint)
         self._ids = itertools.count(1)
+        self._timeouts: dict[int, int] = {}
 
     def request(
         self,
@@ -60,7 +61,7 @@ class Client:
         deadline = time.monotonic() + timeout
         # A send waits for a connected peer; a failed handshake (e.g. CURVE keys
         # the broker refuses) means none ever comes, so bound the send as well.
-        self.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+        self._set_timeout(zmq.SNDTIMEO, timeout)
         try:
             frames = encode(kind, req_id, header, buffers)
             # Small messages are cheaper to copy than to track for zero-copy.
@@ -68,10 +69,15 @@ class Client:
         except zmq.Again:
             raise TimeoutError(f"could not send {kind!r} to {self.endpoint} within {timeout}s") from None
         while True:
+            # A blocking receive bounded by RCVTIMEO: cheaper than polling first.
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+            if left <= 0:
                 raise TimeoutError(f"no reply to {kind!r} from {self.endpoint} within {timeout}s")
-            frames = self.sock.recv_multipart(copy=False)
+            self._set_timeout(zmq.RCVTIMEO, left)
+            try:
+                frames = self.sock.recv_multipart(copy=False)
+            except zmq.Again:
+                continue  # the deadline check above raises
             try:
                 msg = decode(frames)
             except FrameError:
@@ -81,6 +87,13 @@ class Client:
             if msg.kind == "error":
                 raise RemoteError(str(msg.header.get("reason", "unknown error")))
             return msg
+
+    def _set_timeout(self, option: int, seconds: float) -> None:
+        """Set a socket timeout, skipping the call when it is unchanged (in whole ms)."""
+        ms = max(1, int(seconds * 1000))
+        if self._timeouts.get(option) != ms:
+            self.sock.setsockopt(option, ms)
+            self._timeouts[option] = ms
 
     def close(self) -> None:
         self.sock.close(linger=0)

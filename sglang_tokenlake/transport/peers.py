@@ -14,12 +14,23 @@ its timeout fails with ``TimeoutError``; a late reply is dropped. The number of
 requests in flight is bounded (``max_inflight``): beyond it ``request`` fails
 at once with ``BackPressure`` instead of queueing without limit. Every
 ``heartbeat_interval`` seconds ``on_tick`` runs in the agent thread.
+
+A thread that will wait for its reply itself (a forward pass shipping one
+layer's queries) asks with ``direct=True``: the request leaves on that thread's
+own socket to the peer, and ``result()`` on the same thread reads the reply from
+it, with no hand-off to the agent thread either way::
+
+    caller thread ──DEALER (its own, per peer)──▶ peer broker ──▶ back to that socket
+
+Until that socket has connected (or when it cannot exist: no CURVE key) a direct
+request takes the agent's path.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -68,6 +79,11 @@ class PeerAgent:
         # Its PULL socket moves to the agent thread, which alone polls it.
         self._waker = Waker(self.ctx)
         self._sockets: dict[str, zmq.Socket] = {}
+        self._endpoints: dict[str, str] = {}
+        self._generation: dict[str, int] = {}  # bumped by connect/disconnect: direct sockets renew
+        self._lanes = threading.local()
+        self._lane_sockets: list[zmq.Socket] = []
+        self._lane_lock = threading.Lock()
         self._by_socket: dict[zmq.Socket, str] = {}
         self._pending: dict[int, tuple[Future, float, str]] = {}
         self._inflight = 0
@@ -77,7 +93,8 @@ class PeerAgent:
         self._thread: Optional[threading.Thread] = None
         self.counters = {"sent": 0, "replies": 0, "timeouts": 0, "errors": 0, "bytes_sent": 0,
                          "bytes_received": 0, "rejected_backpressure": 0,
-                         "replies_wrong_peer": 0, "refused_no_key": 0}
+                         "replies_wrong_peer": 0, "refused_no_key": 0, "direct_sent": 0,
+                         "direct_replies": 0, "direct_timeouts": 0}
 
     # -- life cycle ------------------------------------------------------------
 
@@ -93,14 +110,22 @@ class PeerAgent:
             self._waker.close()  # never started; else the agent thread closes it on its way out
         else:
             self._thread.join(5)
+        with self._lane_lock:
+            for sock in self._lane_sockets:
+                sock.close(linger=0)
+            self._lane_sockets.clear()
 
     # -- API (any thread) --------------------------------------------------------
 
     def connect(self, peer: str, endpoint: str) -> None:
+        self._endpoints[peer] = endpoint
+        self._generation[peer] = self._generation.get(peer, 0) + 1
         self._outbox.append(("connect", peer, endpoint))
         self._wake()
 
     def disconnect(self, peer: str) -> None:
+        self._endpoints.pop(peer, None)
+        self._generation[peer] = self._generation.get(peer, 0) + 1
         self._outbox.append(("disconnect", peer, None))
         self._wake()
 
@@ -112,7 +137,14 @@ class PeerAgent:
         buffers: Sequence[Buffer] = (),
         *,
         timeout: float = 5.0,
+        direct: bool = False,
     ) -> Future:
+        """Send a request; its future resolves with the reply. ``direct``: the calling
+        thread receives the reply itself, in ``result()`` (see the module docstring)."""
+        if direct and not self._stop.is_set():
+            got = self._lane().send(peer, kind, header, buffers, timeout)
+            if got is not None:
+                return got
         fut: Future = Future()
         with self._inflight_lock:
             if self._inflight >= self.max_inflight:
@@ -145,9 +177,24 @@ class PeerAgent:
         else:
             fut.set_result(result)
 
+    def _lane(self) -> _Lane:
+        lane = getattr(self._lanes, "lane", None)
+        if lane is None:
+            lane = self._lanes.lane = _Lane(self)
+        return lane
+
     def _open(self, peer: str, endpoint: str) -> None:
         if peer in self._sockets:
             return
+        s = self._new_socket(peer, endpoint)
+        if s is None:
+            return
+        self._sockets[peer] = s
+        self._by_socket[s] = peer
+        self._poller.register(s, zmq.POLLIN)
+
+    def _new_socket(self, peer: str, endpoint: str) -> Optional[zmq.Socket]:
+        """A DEALER connected to ``peer`` (None without its CURVE key)."""
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 1000)
@@ -160,13 +207,11 @@ class PeerAgent:
                 self.counters["refused_no_key"] += 1
                 logger.warning("%s: no key for %s in %s: not connecting to it", self.name, peer,
                                self.curve.directory)
-                return
+                return None
             s.curve_serverkey = server_pub
             s.curve_publickey, s.curve_secretkey = self.curve.public, self.curve.secret
         s.connect(endpoint if "://" in endpoint else f"tcp://{endpoint}")
-        self._sockets[peer] = s
-        self._by_socket[s] = peer
-        self._poller.register(s, zmq.POLLIN)
+        return s
 
     def _close(self, peer: str) -> None:
         s = self._sockets.pop(peer, None)
@@ -246,30 +291,176 @@ class PeerAgent:
         self.counters["bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        for _ in range(256):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.counters["bytes_received"] += sum(len(f.buffer) for f in frames)
-            try:
-                msg: Message = decode(frames)
-            except FrameError as e:
-                self.counters["errors"] += 1
-                logger.warning("%s: malformed reply from %s: %s", self.name, self._by_socket.get(sock), e)
-                continue
-            entry = self._pending.get(msg.id)
-            if entry is not None and entry[2] != self._by_socket.get(sock):
-                self.counters["replies_wrong_peer"] += 1
-                continue  # an answer to a request this peer was never sent
-            self.counters["replies"] += 1
-            if msg.kind == "error":
-                self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
-            else:
-                self._finish(msg.id, result=msg)
+        """One reply per ready socket per wake-up (the poll said one is there): a
+        non-blocking receive that finds the queue empty costs more than the next poll."""
+        frames = sock.recv_multipart(copy=False)
+        self.counters["bytes_received"] += sum(len(f.buffer) for f in frames)
+        try:
+            msg: Message = decode(frames)
+        except FrameError as e:
+            self.counters["errors"] += 1
+            logger.warning("%s: malformed reply from %s: %s", self.name, self._by_socket.get(sock), e)
+            return
+        entry = self._pending.get(msg.id)
+        if entry is not None and entry[2] != self._by_socket.get(sock):
+            self.counters["replies_wrong_peer"] += 1
+            return  # an answer to a request this peer was never sent
+        self.counters["replies"] += 1
+        if msg.kind == "error":
+            self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
+        else:
+            self._finish(msg.id, result=msg)
 
     def _expire(self, now: float) -> None:
         for req_id, (_, deadline, peer) in list(self._pending.items()):
             if now > deadline:
                 self.counters["timeouts"] += 1
                 self._finish(req_id, exc=TimeoutError(f"no reply from {peer}"))
+
+
+class DirectFuture(Future):
+    """The reply to a direct request: ``result()``, on the requesting thread, reads that
+    thread's sockets until the reply is there (or the request's timeout passes)."""
+
+    def __init__(self, lane: _Lane, req_id: int, deadline: float) -> None:
+        super().__init__()
+        self._lane = lane
+        self.req_id = req_id
+        self.deadline = deadline
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if not self.done():
+            self._lane.wait(self, timeout)
+        return super().result(0)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if not self.done():
+            self._lane.wait(self, timeout)
+        return super().exception(0)
+
+
+class _Lane:
+    """One thread's direct sockets, one per peer, and the requests awaiting replies on
+    them. Only its thread touches it."""
+
+    def __init__(self, agent: PeerAgent) -> None:
+        self.agent = agent
+        self.thread = threading.get_ident()
+        self.sockets: dict[str, tuple[zmq.Socket, int]] = {}
+        self.by_socket: dict[zmq.Socket, str] = {}
+        self.pending: dict[int, tuple[DirectFuture, str]] = {}
+        self.poller = zmq.Poller()
+
+    def _socket(self, peer: str) -> Optional[zmq.Socket]:
+        agent = self.agent
+        gen = agent._generation.get(peer, 0)
+        cur = self.sockets.get(peer)
+        if cur is not None and cur[1] == gen:
+            return cur[0]
+        if cur is not None:  # the peer reconnected or left: this socket is stale
+            self._close(peer)
+        endpoint = agent._endpoints.get(peer)
+        if endpoint is None:
+            return None
+        s = agent._new_socket(peer, endpoint)
+        if s is None:
+            return None
+        with agent._lane_lock:
+            if agent._stop.is_set():
+                s.close(linger=0)
+                return None
+            agent._lane_sockets.append(s)
+        self.sockets[peer] = (s, gen)
+        self.by_socket[s] = peer
+        self.poller.register(s, zmq.POLLIN)
+        return s
+
+    def _close(self, peer: str) -> None:
+        s, _ = self.sockets.pop(peer)
+        self.by_socket.pop(s, None)
+        self.poller.unregister(s)
+        with self.agent._lane_lock:
+            if s in self.agent._lane_sockets:
+                self.agent._lane_sockets.remove(s)
+        s.close(linger=0)
+        for req_id, (_, p) in list(self.pending.items()):
+            if p == peer:
+                self._finish(req_id, exc=ConnectionError(f"peer {peer} reconnected or left"))
+
+    def send(self, peer: str, kind: str, header: Optional[dict[str, Any]],
+             buffers: Sequence[Buffer], timeout: float) -> Optional[DirectFuture]:
+        """The request sent on this thread's socket; None to take the agent's path."""
+        try:
+            sock = self._socket(peer)
+            if sock is None:
+                return None
+            req_id = next(self.agent._ids)
+            frames = encode(kind, req_id, header, buffers)
+            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # not connected yet (Again), or closed by the agent's close()
+            return None
+        fut = DirectFuture(self, req_id, time.monotonic() + timeout)
+        self.pending[req_id] = (fut, peer)
+        counters = self.agent.counters
+        counters["direct_sent"] += 1
+        counters["bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
+        return fut
+
+    def wait(self, fut: DirectFuture, timeout: Optional[float]) -> None:
+        """Receive on this thread's sockets until ``fut`` is done or ``timeout`` passes."""
+        if threading.get_ident() != self.thread:
+            raise RuntimeError("a direct request's reply is received by the thread that sent it")
+        give_up = time.monotonic() + timeout if timeout is not None else math.inf
+        while not fut.done():
+            now = time.monotonic()
+            self._expire(now)
+            if fut.done():
+                return
+            left = min(give_up, fut.deadline) - now
+            if left <= 0:
+                return  # the caller's own timeout: Future.result(0) raises TimeoutError
+            try:
+                events = self.poller.poll(int(left * 1000) + 1)
+            except zmq.ZMQError:  # sockets closed by the agent's close()
+                self._finish(fut.req_id, exc=ConnectionError("peer agent stopped"))
+                return
+            for sock, _ in events:
+                self._receive(sock)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        counters = self.agent.counters
+        frames = sock.recv_multipart(copy=False)
+        counters["bytes_received"] += sum(len(f.buffer) for f in frames)
+        try:
+            msg: Message = decode(frames)
+        except FrameError as e:
+            counters["errors"] += 1
+            logger.warning("%s: malformed reply from %s: %s", self.agent.name,
+                           self.by_socket.get(sock), e)
+            return
+        entry = self.pending.get(msg.id)
+        if entry is None:
+            return  # a late reply to a request that timed out
+        if entry[1] != self.by_socket.get(sock):
+            counters["replies_wrong_peer"] += 1
+            return
+        counters["direct_replies"] += 1
+        if msg.kind == "error":
+            self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
+        else:
+            self._finish(msg.id, result=msg)
+
+    def _expire(self, now: float) -> None:
+        for req_id, (fut, peer) in list(self.pending.items()):
+            if now > fut.deadline:
+                self.agent.counters["direct_timeouts"] += 1
+                self._finish(req_id, exc=TimeoutError(f"no reply from {peer}"))
+
+    def _finish(self, req_id: int, result: Any = None, exc: Optional[BaseException] = None) -> None:
+        entry = self.pending.pop(req_id, None)
+        if entry is None or entry[0].done():
+            return
+        if exc is not None:
+            entry[0].set_exception(exc)
+        else:
+            entry[0].set_result(result)
