@@ -8,19 +8,59 @@ from pool_fakes import FakeNet, make_pool
 from test_pool_link import A, B, S, _match, _remote_setup, fake_req
 
 from sglang_tokenlake.dispatch import Costs, Link, Mode, ModelShape, plan
-from sglang_tokenlake.pool.calibration import ALPHA, MIN_TRANSFER_BYTES, Average, Calibration
+from sglang_tokenlake.pool.calibration import (
+    ALPHA,
+    MIN_TRANSFER_BYTES,
+    Average,
+    Calibration,
+    PassFit,
+)
 
 
-def test_an_average_starts_at_its_first_sample_and_weights_new_ones():
+def test_an_average_is_a_plain_mean_at_first_then_weights_new_samples_by_alpha():
     a = Average()
     assert a.get(7.0) == 7.0  # the prior until measured
     a.add(1.0)
     assert a.value == 1.0
     a.add(2.0)
-    assert a.value == pytest.approx((1 - ALPHA) * 1.0 + ALPHA * 2.0)
+    assert a.value == pytest.approx(1.5)  # the mean of two, not 0.8 x 1 + 0.2 x 2
     a.add(float("nan"))
     a.add(-1.0)  # nonsense is ignored
     assert a.samples == 2
+    for _ in range(3):
+        a.add(1.5)
+    assert a.samples == 5 and a.value == pytest.approx(1.5)
+    a.add(2.5)  # past 1 / alpha samples: exponentially weighted
+    assert a.value == pytest.approx((1 - ALPHA) * 1.5 + ALPHA * 2.5)
+
+
+def test_a_rare_slow_shipped_layer_counts_at_its_share_of_the_mean():
+    # An owner whose CPU is busy answers most layers at once and some after a long wait;
+    # what a shipped request pays is the mean, whatever order the samples came in.
+    samples = [0.005] * 9 + [1.0]
+    for order in (samples, samples[::-1]):
+        c = Calibration(Costs())
+        for x in order:
+            c.observe_ship("p", x)
+        assert c.ship_rtt_of("p") == pytest.approx(sum(samples) / len(samples))
+
+
+def test_the_prefill_cost_is_the_slope_of_pass_time_over_tokens():
+    # A backend that pays 2 s for any extend after a 4K cached prefix, plus 1 ms per new token:
+    # a token's marginal cost is 1 ms, not (2 s + 70 ms) / 70 tokens.
+    fit = PassFit()
+    assert fit.per_token() is None
+    for n in (70, 4096, 80, 70, 2048, 90):
+        fit.add(n, 2.0 + 1e-3 * n)
+    assert fit.per_token() == pytest.approx(1e-3, rel=1e-6)
+    same = PassFit()  # passes of one size cannot tell fixed from per-token cost
+    for _ in range(5):
+        same.add(100, 0.5)
+    assert same.per_token() == pytest.approx(0.005)
+    c = Calibration(Costs())
+    for n in (70, 4096, 80):
+        c.observe_prefill(n, 2.0 + 1e-3 * n)
+    assert c.costs().recompute_s_per_token == pytest.approx(1e-3, rel=1e-6)
 
 
 def test_shipped_query_round_trips_are_measured_per_owner_unless_rtt_is_pinned():
@@ -30,7 +70,7 @@ def test_shipped_query_round_trips_are_measured_per_owner_unless_rtt_is_pinned()
     c.observe_ship("p", 0.02)
     link = c.costs().link("p")
     assert link.rtt_s == pytest.approx(1e-4)
-    assert link.ship_rtt_s == pytest.approx((1 - ALPHA) * 0.01 + ALPHA * 0.02)
+    assert link.ship_rtt_s == pytest.approx(0.015)
     assert c.snapshot()["links"]["p"]["ship_samples"] == 2
     c.pinned["rtt_s"] = 5e-4  # a pinned round trip is used for shipping too
     assert c.costs().link("p") == Link(5e-4, Costs().bandwidth_Bps, 0.0)
@@ -60,6 +100,13 @@ def test_priors_until_measured_then_measurements_then_pins():
     assert got.recompute_s_per_token == 1e-3 and got.link("p") == Link(5e-4, 2e9)
     assert got.link("never-seen") == Link(5e-4, 2e9)
     assert pinned.snapshot()["prefill_source"] == "pinned"
+
+
+def test_a_heartbeat_slower_than_a_pull_does_not_make_the_link_look_infinitely_fast():
+    c = Calibration(Costs())
+    c.observe_rtt("p", 0.05)  # one late heartbeat echo
+    c.observe_transfer("p", 1 << 20, 0.01)  # 1 MiB in 10 ms
+    assert c.bandwidth_of("p") == pytest.approx((1 << 20) / 0.005)  # at most half is round trip
 
 
 def test_heartbeats_and_pulls_calibrate_the_links_and_dispatch_uses_them():

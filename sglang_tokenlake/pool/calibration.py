@@ -3,7 +3,8 @@
 Each figure is an exponentially weighted average of cheap measurements taken
 on the way::
 
-    prefill s/token   this worker's own extend passes        (scheduler thread)
+    prefill s/token   this worker's own extend passes: the slope of seconds over
+                      tokens (a token's marginal cost)       (scheduler thread)
     RTT per peer      heartbeat round trips                  (peer agent thread)
     ship RTT / peer   shipped queries to their partials      (peer agent thread)
     bandwidth / peer  sizes and durations of pulls            (peer agent thread)
@@ -25,26 +26,72 @@ from typing import Any, Optional
 from sglang_tokenlake.dispatch import Costs, Link
 
 ALPHA = 0.2  # weight of a new measurement
+SHIP_ALPHA = 0.05  # shipped layers wait heavy-tailed times (an owner's busy CPU): a longer memory
+PREFILL_ALPHA = 0.05  # a fit of passes needs more of them than an average
 MIN_TRANSFER_BYTES = 64 << 10  # smaller pulls measure round trips, not bandwidth
 
 
 class Average:
-    """Exponentially weighted average; the first sample sets it."""
+    """Exponentially weighted average. The first ``1 / alpha`` samples are averaged
+    plainly (each new one weighs ``1 / samples``): one early sample does not stand
+    for the rest, and a rare slow one counts at its share."""
 
-    __slots__ = ("value", "samples")
+    __slots__ = ("value", "samples", "alpha")
 
-    def __init__(self) -> None:
+    def __init__(self, alpha: float = ALPHA) -> None:
         self.value: Optional[float] = None
         self.samples = 0
+        self.alpha = alpha
 
-    def add(self, x: float, alpha: float = ALPHA) -> None:
+    def add(self, x: float) -> None:
         if not math.isfinite(x) or x < 0:
             return
-        self.value = x if self.value is None else (1 - alpha) * self.value + alpha * x
         self.samples += 1
+        w = max(self.alpha, 1.0 / self.samples)
+        self.value = x if self.value is None else (1 - w) * self.value + w * x
 
     def get(self, default: float) -> float:
         return default if self.value is None else self.value
+
+
+class PassFit:
+    """Seconds of an extend pass as ``fixed + per_token x tokens``, fitted by exponentially
+    weighted least squares over recent passes; ``per_token()`` is the slope, a prefilled
+    token's marginal cost. Seconds over tokens per pass would charge each token its pass's
+    fixed cost: a short extend after a long cached prefix pays for attending to the prefix
+    (in backends that recompute it per pass), which more tokens would not multiply. While
+    the passes seen do not vary enough in size to give a slope (or give a nonsensical one),
+    total seconds over total tokens is used."""
+
+    __slots__ = ("alpha", "samples", "w", "n", "t", "nn", "nt")
+
+    def __init__(self, alpha: float = PREFILL_ALPHA) -> None:
+        self.alpha = alpha
+        self.samples = 0
+        self.w = self.n = self.t = self.nn = self.nt = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        self.samples += 1
+        keep = 1 - max(self.alpha, 1.0 / self.samples)
+        n = float(tokens)
+        self.w = keep * self.w + 1
+        self.n = keep * self.n + n
+        self.t = keep * self.t + seconds
+        self.nn = keep * self.nn + n * n
+        self.nt = keep * self.nt + n * seconds
+
+    def per_token(self) -> Optional[float]:
+        if not self.samples:
+            return None
+        ratio = self.t / self.n
+        mean_n = self.n / self.w
+        var = self.nn / self.w - mean_n * mean_n
+        if self.samples < 3 or var <= (0.25 * mean_n) ** 2:
+            return ratio  # sizes too alike to separate fixed from per-token cost
+        slope = (self.nt / self.w - mean_n * self.t / self.w) / var
+        return slope if 0 < slope <= ratio else ratio
 
 
 class Calibration:
@@ -61,7 +108,7 @@ class Calibration:
         self.prior = prior if prior is not None else Costs()
         self.pinned = {"prefill_s_per_token": prefill_s_per_token, "rtt_s": rtt_s,
                        "bandwidth_Bps": bandwidth_Bps}
-        self.prefill = Average()
+        self.prefill = PassFit()
         self.passes = Average()
         self.layers = 1
         """Layers of the served model (set by the pool): a pass's time per layer."""
@@ -73,8 +120,8 @@ class Calibration:
     # -- measurements ------------------------------------------------------------------
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens > 0:
-            self.prefill.add(seconds / tokens)
+        """An extend pass prefilled ``tokens`` tokens in ``seconds``."""
+        self.prefill.add(tokens, seconds)
 
     def observe_pass(self, seconds: float) -> None:
         """One forward pass (prefill or decode) of this worker took ``seconds``."""
@@ -86,13 +133,15 @@ class Calibration:
     def observe_ship(self, peer: str, seconds: float) -> None:
         """One layer's queries shipped to ``peer`` came back as partials after ``seconds``:
         unlike a heartbeat, this includes the owner's queueing and compute."""
-        self.ship_rtt.setdefault(peer, Average()).add(seconds)
+        self.ship_rtt.setdefault(peer, Average(SHIP_ALPHA)).add(seconds)
 
     def observe_transfer(self, peer: str, nbytes: int, seconds: float) -> None:
         """A pull of ``nbytes`` from ``peer`` took ``seconds`` (request to reply)."""
         if nbytes < MIN_TRANSFER_BYTES:
             return
-        rtt = self.rtt_of(peer)
+        # Less the round trip, as heartbeats measure it; they are noisy (a peer's busy CPU
+        # answers some late), so at most half of the pull's time is taken for it.
+        rtt = min(self.rtt_of(peer), seconds / 2)
         self.bandwidth.setdefault(peer, Average()).add(nbytes / max(seconds - rtt, 1e-6))
 
     def observe_attention(self, query_tokens: int, cached_tokens: int, seconds: float) -> None:
@@ -109,7 +158,10 @@ class Calibration:
 
     def prefill_s_per_token(self) -> float:
         pin = self.pinned["prefill_s_per_token"]
-        return pin if pin is not None else self.prefill.get(self.prior.recompute_s_per_token)
+        if pin is not None:
+            return pin
+        got = self.prefill.per_token()
+        return got if got is not None else self.prior.recompute_s_per_token
 
     def rtt_of(self, peer: str) -> float:
         pin = self.pinned["rtt_s"]
@@ -159,7 +211,7 @@ class Calibration:
     def snapshot(self) -> dict[str, Any]:
         """For ``tokenlake status`` and /metrics: the figures, and where they come from."""
 
-        def source(name: str, avg: Optional[Average]) -> str:
+        def source(name: str, avg: Optional[Average | PassFit]) -> str:
             if self.pinned.get(name) is not None:
                 return "pinned"
             return "measured" if avg is not None and avg.samples else "prior"
