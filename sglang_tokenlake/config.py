@@ -92,7 +92,8 @@ class TokenLakeConfig:
         "How a request uses prefix segments held by other workers: 'ship' sends its "
         "queries to the owners and merges their partial attention (no local memory for "
         "those segments), 'pull' copies their KV here, 'auto' picks per owner whichever "
-        "moves fewer bytes (recomputing when neither pays off).",
+        "takes the least time by the worker's measured costs (recomputing when neither "
+        "pays off).",
         choices=("auto", "ship", "pull"),
     )
     query_timeout: float = _f(
@@ -104,8 +105,8 @@ class TokenLakeConfig:
     prefill_cost: Optional[float] = _f(
         None,
         "Seconds this worker takes to prefill one token, for dispatch's time model "
-        "(ship / pull / recompute). Default: measured from its own prefill passes "
-        "(an A100-like prior until then).",
+        "(ship / pull / recompute). Default: measured from its own prefill passes, as the "
+        "slope of pass time over tokens prefilled (an A100-like prior until then).",
     )
     link_rtt: Optional[float] = _f(
         None,
