@@ -226,6 +226,10 @@ def test_a_peer_without_a_key_is_not_connected(tmp_path):
         with pytest.raises(ConnectionError, match="unknown peer"):
             agent.request("127.0.0.1:9", "ping", timeout=2).result(5)
         assert agent.counters["refused_no_key"] == 1
+        for _ in range(3):  # nor by a direct request: tried (and logged) once, then not again
+            with pytest.raises(ConnectionError, match="unknown peer"):
+                agent.request("127.0.0.1:9", "ping", timeout=2, direct=True).result(5)
+        assert agent.counters["refused_no_key"] == 2 and agent.counters["direct_sent"] == 0
     finally:
         agent.close()
 

@@ -93,8 +93,10 @@ class PeerAgent:
         self._thread: Optional[threading.Thread] = None
         self.counters = {"sent": 0, "replies": 0, "timeouts": 0, "errors": 0, "bytes_sent": 0,
                          "bytes_received": 0, "rejected_backpressure": 0,
-                         "replies_wrong_peer": 0, "refused_no_key": 0, "direct_sent": 0,
-                         "direct_replies": 0, "direct_timeouts": 0}
+                         "replies_wrong_peer": 0, "refused_no_key": 0,
+                         # Direct requests' own counters: only their threads write them.
+                         "direct_sent": 0, "direct_replies": 0, "direct_timeouts": 0,
+                         "direct_bytes_sent": 0, "direct_bytes_received": 0, "direct_errors": 0}
 
     # -- life cycle ------------------------------------------------------------
 
@@ -347,6 +349,7 @@ class _Lane:
         self.agent = agent
         self.thread = threading.get_ident()
         self.sockets: dict[str, tuple[zmq.Socket, int]] = {}
+        self.refused: dict[str, int] = {}  # peer -> generation it had no key in (not retried)
         self.by_socket: dict[zmq.Socket, str] = {}
         self.pending: dict[int, tuple[DirectFuture, str]] = {}
         self.poller = zmq.Poller()
@@ -360,10 +363,11 @@ class _Lane:
         if cur is not None:  # the peer reconnected or left: this socket is stale
             self._close(peer)
         endpoint = agent._endpoints.get(peer)
-        if endpoint is None:
+        if endpoint is None or self.refused.get(peer) == gen:
             return None
         s = agent._new_socket(peer, endpoint)
-        if s is None:
+        if s is None:  # no CURVE key for it (logged once): the agent's path, which refuses too
+            self.refused[peer] = gen
             return None
         with agent._lane_lock:
             if agent._stop.is_set():
@@ -403,7 +407,7 @@ class _Lane:
         self.pending[req_id] = (fut, peer)
         counters = self.agent.counters
         counters["direct_sent"] += 1
-        counters["bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
+        counters["direct_bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
         return fut
 
     def wait(self, fut: DirectFuture, timeout: Optional[float]) -> None:
@@ -430,11 +434,11 @@ class _Lane:
     def _receive(self, sock: zmq.Socket) -> None:
         counters = self.agent.counters
         frames = sock.recv_multipart(copy=False)
-        counters["bytes_received"] += sum(len(f.buffer) for f in frames)
+        counters["direct_bytes_received"] += sum(len(f.buffer) for f in frames)
         try:
             msg: Message = decode(frames)
         except FrameError as e:
-            counters["errors"] += 1
+            counters["direct_errors"] += 1
             logger.warning("%s: malformed reply from %s: %s", self.agent.name,
                            self.by_socket.get(sock), e)
             return
@@ -442,8 +446,7 @@ class _Lane:
         if entry is None:
             return  # a late reply to a request that timed out
         if entry[1] != self.by_socket.get(sock):
-            counters["replies_wrong_peer"] += 1
-            return
+            return  # cannot happen: each socket reaches one peer and carries its own ids
         counters["direct_replies"] += 1
         if msg.kind == "error":
             self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
