@@ -1,6 +1,7 @@
 """Wire format, broker, client and peer agent (in-process, loopback)."""
 
 import threading
+import time
 
 import msgpack
 import pytest
@@ -203,6 +204,10 @@ def test_direct_requests_skip_the_agent_thread_and_are_received_by_their_sender(
         t.start()
         t.join()
         assert errors and fut.result(5).kind == "pong"
+        # A reply that came while this thread was busy is read even with no time left.
+        fut = agent.request("srv", "ping", direct=True)
+        time.sleep(0.2)
+        assert fut.result(0).kind == "pong"
         # The caller's own timeout leaves the request pending; its deadline fails it.
         slow = agent.request("srv", "never", timeout=0.3, direct=True)
         with pytest.raises(TimeoutError):

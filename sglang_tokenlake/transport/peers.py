@@ -416,20 +416,21 @@ class _Lane:
             raise RuntimeError("a direct request's reply is received by the thread that sent it")
         give_up = time.monotonic() + timeout if timeout is not None else math.inf
         while not fut.done():
-            now = time.monotonic()
-            self._expire(now)
-            if fut.done():
-                return
-            left = min(give_up, fut.deadline) - now
-            if left <= 0:
-                return  # the caller's own timeout: Future.result(0) raises TimeoutError
+            # Read first, even with no time left: a reply that came while this thread
+            # computed is in its socket already.
+            left = min(give_up, fut.deadline) - time.monotonic()
             try:
-                events = self.poller.poll(int(left * 1000) + 1)
+                events = self.poller.poll(int(left * 1000) + 1 if left > 0 else 0)
             except zmq.ZMQError:  # sockets closed by the agent's close()
                 self._finish(fut.req_id, exc=ConnectionError("peer agent stopped"))
                 return
             for sock, _ in events:
                 self._receive(sock)
+            if fut.done():
+                return
+            self._expire(time.monotonic())
+            if left <= 0:
+                return  # the caller's own timeout: Future.result(0) raises TimeoutError
 
     def _receive(self, sock: zmq.Socket) -> None:
         counters = self.agent.counters
