@@ -96,7 +96,8 @@ class PeerAgent:
                          "replies_wrong_peer": 0, "refused_no_key": 0,
                          # Direct requests' own counters: only their threads write them.
                          "direct_sent": 0, "direct_replies": 0, "direct_timeouts": 0,
-                         "direct_bytes_sent": 0, "direct_bytes_received": 0, "direct_errors": 0}
+                         "direct_bytes_sent": 0, "direct_bytes_received": 0, "direct_errors": 0,
+                         "direct_replies_wrong_peer": 0}
 
     # -- life cycle ------------------------------------------------------------
 
@@ -295,29 +296,47 @@ class PeerAgent:
     def _receive(self, sock: zmq.Socket) -> None:
         """One reply per ready socket per wake-up (the poll said one is there): a
         non-blocking receive that finds the queue empty costs more than the next poll."""
-        frames = sock.recv_multipart(copy=False)
-        self.counters["bytes_received"] += sum(len(f.buffer) for f in frames)
-        try:
-            msg: Message = decode(frames)
-        except FrameError as e:
-            self.counters["errors"] += 1
-            logger.warning("%s: malformed reply from %s: %s", self.name, self._by_socket.get(sock), e)
-            return
-        entry = self._pending.get(msg.id)
-        if entry is not None and entry[2] != self._by_socket.get(sock):
-            self.counters["replies_wrong_peer"] += 1
-            return  # an answer to a request this peer was never sent
-        self.counters["replies"] += 1
-        if msg.kind == "error":
-            self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
-        else:
-            self._finish(msg.id, result=msg)
+        def sent_to(req_id: int) -> Optional[str]:
+            entry = self._pending.get(req_id)
+            return entry[2] if entry is not None else None
+
+        msg = _take_reply(sock, self._by_socket.get(sock), sent_to, self.counters, "", self.name)
+        if msg is not None:
+            self._finish(msg.id, *_outcome(msg))
 
     def _expire(self, now: float) -> None:
         for req_id, (_, deadline, peer) in list(self._pending.items()):
             if now > deadline:
                 self.counters["timeouts"] += 1
                 self._finish(req_id, exc=TimeoutError(f"no reply from {peer}"))
+
+
+def _take_reply(sock: zmq.Socket, sender: Optional[str], sent_to: Callable[[int], Optional[str]],
+                counters: dict[str, int], prefix: str, name: str) -> Optional[Message]:
+    """Receive one reply from ``sock``, which reaches the peer ``sender``: counted (under
+    ``prefix``) and validated. None when malformed, or when it answers a pending request
+    that went to another peer (``sent_to``: the peer a pending request id went to)."""
+    frames = sock.recv_multipart(copy=False)
+    counters[prefix + "bytes_received"] += sum(len(f.buffer) for f in frames)
+    try:
+        msg: Message = decode(frames)
+    except FrameError as e:
+        counters[prefix + "errors"] += 1
+        logger.warning("%s: malformed reply from %s: %s", name, sender, e)
+        return None
+    peer = sent_to(msg.id)
+    if peer is not None and peer != sender:
+        counters[prefix + "replies_wrong_peer"] += 1
+        return None  # an answer to a request this peer was never sent
+    counters[prefix + "replies"] += 1
+    return msg
+
+
+def _outcome(msg: Message) -> tuple[Any, Optional[BaseException]]:
+    """(result, exception) of a reply: an ``error`` message fails its request."""
+    if msg.kind == "error":
+        return None, PeerError(str(msg.header.get("reason", "error")))
+    return msg, None
 
 
 class DirectFuture(Future):
@@ -433,26 +452,14 @@ class _Lane:
                 return  # the caller's own timeout: Future.result(0) raises TimeoutError
 
     def _receive(self, sock: zmq.Socket) -> None:
-        counters = self.agent.counters
-        frames = sock.recv_multipart(copy=False)
-        counters["direct_bytes_received"] += sum(len(f.buffer) for f in frames)
-        try:
-            msg: Message = decode(frames)
-        except FrameError as e:
-            counters["direct_errors"] += 1
-            logger.warning("%s: malformed reply from %s: %s", self.agent.name,
-                           self.by_socket.get(sock), e)
-            return
-        entry = self.pending.get(msg.id)
-        if entry is None:
-            return  # a late reply to a request that timed out
-        if entry[1] != self.by_socket.get(sock):
-            return  # cannot happen: each socket reaches one peer and carries its own ids
-        counters["direct_replies"] += 1
-        if msg.kind == "error":
-            self._finish(msg.id, exc=PeerError(str(msg.header.get("reason", "error"))))
-        else:
-            self._finish(msg.id, result=msg)
+        def sent_to(req_id: int) -> Optional[str]:
+            entry = self.pending.get(req_id)
+            return entry[1] if entry is not None else None
+
+        msg = _take_reply(sock, self.by_socket.get(sock), sent_to, self.agent.counters, "direct_",
+                          self.agent.name)
+        if msg is not None:
+            self._finish(msg.id, *_outcome(msg))
 
     def _expire(self, now: float) -> None:
         for req_id, (fut, peer) in list(self.pending.items()):
