@@ -133,6 +133,24 @@ def test_every_policy_the_router_has_runs_behind_the_router():
     assert argv[argv.index("--policy") + 1] == "power_of_two"
 
 
+def test_tokenlake_behind_the_cache_aware_router_is_balanced_within_two_requests():
+    from sglang_tokenlake.bench.runner import frontend_flags
+
+    cfg = CONFIGS["tokenlake-cache-aware"]
+    assert (cfg.backend, cfg.frontend) == ("tokenlake", "router-cache_aware")
+    s = ClusterSettings(model="m", router_args=["--balance-abs-threshold", "5"])
+    kind = _frontend_kind(cfg, s)
+    flags = frontend_flags(cfg, s, kind)
+    argv = Frontend(kind, ["http://127.0.0.1:1"], "/tmp", flags).argv()
+    assert argv[argv.index("--policy") + 1] == "cache_aware"
+    at = [i for i, a in enumerate(argv) if a == "--balance-abs-threshold"]
+    assert [argv[i + 1] for i in at] == ["2", "5"]  # the pool's bound, then the user's (wins)
+    assert argv[argv.index("--balance-rel-threshold") + 1] == "1"
+    # Stock SGLang behind the same router keeps the router's defaults.
+    assert frontend_flags(CONFIGS["stock-cache-aware"], ClusterSettings(model="m"),
+                          "router-cache_aware") == []
+
+
 def test_workers_start_inside_their_budgets(tmp_path):
     s = ClusterSettings(model="m", workers=2, cpu_quota=0.45, device="cpu")
     pool = PoolSpec((21001, 21002))

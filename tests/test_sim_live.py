@@ -98,3 +98,33 @@ def test_power_of_two_takes_the_less_busy_of_two_random_workers():
     assert served["round_robin"] == [8, 8, 7, 7]
     p2c = served["power_of_two"]
     assert sum(p2c) == 30 and p2c != served["round_robin"] and min(p2c) > 0
+
+
+def test_cache_aware_executor_keeps_a_documents_requests_together_within_the_pool_bound():
+    from dataclasses import replace
+
+    from sglang_tokenlake.sim.engine import simulate
+    from sglang_tokenlake.sim.model import SimConfig
+    from sglang_tokenlake.sim.routing import CacheAwareConfig
+
+    wl, _ = replay_requests({"name": "docs", "params": dict(PARAMS, rate=1000.0)}, {}, 64)
+    cfg = SimConfig(4, 4096 // 64, 64, tokenlake_executor="cache_aware")
+    loose = simulate(wl, "tokenlake", replace(cfg, tokenlake_router=CacheAwareConfig()))
+    tight = simulate(wl, "tokenlake", cfg)
+    # The router's defaults never balance 30 requests: 3 documents, at most 3 busy workers.
+    assert loose.extra["router_decisions"]["imbalanced"] == 0
+    assert sum(1 for n in loose.served if n) <= 3
+    # The pool bound (2 requests) detours some and evens the load out.
+    assert tight.extra["router_decisions"]["imbalanced"] > 0
+    assert max(tight.served) - min(tight.served) < max(loose.served) - min(loose.served)
+    assert sum(tight.served) == sum(loose.served) == 30
+    assert tight.hit_rate > 0
+
+
+def test_an_unknown_executor_is_an_error():
+    import pytest
+
+    from sglang_tokenlake.sim.model import SimConfig
+
+    with pytest.raises(ValueError, match="tokenlake_executor"):
+        SimConfig(4, 64, 64, tokenlake_executor="fastest")

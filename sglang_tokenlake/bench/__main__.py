@@ -9,6 +9,8 @@ For every workload and rate, each configuration runs on freshly started workers
   stock-cache-aware     --cache-backend radix, sglang-router --policy cache_aware
   tokenlake-rr          --cache-backend tokenlake, one pool, sglang-router --policy round_robin
   tokenlake-p2c         --cache-backend tokenlake, one pool, sglang-router --policy power_of_two
+  tokenlake-cache-aware --cache-backend tokenlake, one pool, sglang-router --policy cache_aware
+                        balanced within 2 requests in flight (CacheAwareConfig.pool())
   tokenlake-least-load  --cache-backend tokenlake, one pool, fewest in-flight requests (the
                         harness's proxy: the router has no such policy)
 
@@ -69,7 +71,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--worker-args", default="", help="more launch_server flags, one string (write --worker-args=\"--flag value\")")
     g.add_argument("--tokenlake-args", default="", help="more flags for TokenLake workers (--tokenlake-args=\"...\")")
-    g.add_argument("--router-args", default="", help="more sglang-router flags, cache-aware (--router-args=\"...\")")
+    g.add_argument("--router-args", default="",
+                   help="more sglang-router flags for every configuration behind the router, "
+                        "after the configuration's own (--router-args=\"...\")")
     g.add_argument("--rr-frontend", choices=["router", "proxy"], default="router",
                    help="round-robin front end: sglang-router (default) or the harness's proxy")
     g.add_argument("--cpu-quota", type=float, default=None, metavar="CORES",

@@ -29,6 +29,7 @@ from sglang_tokenlake.bench.frontends import Frontend
 from sglang_tokenlake.bench.load import RequestRecord, run_one, run_replay
 from sglang_tokenlake.bench.workloads import BenchWorkload
 from sglang_tokenlake.cluster import PoolSpec, Worker, WorkerSpec, start_workers, wait_pool
+from sglang_tokenlake.sim.routing import CacheAwareConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Config:
     """``radix`` (stock SGLang) or ``tokenlake``."""
     frontend: str
     """A key of ``frontends.FRONTENDS``."""
+    frontend_args: tuple[str, ...] = ()
+    """Front-end flags of this configuration (before ``--router-args``, which can override them)."""
 
 
 CONFIGS: dict[str, Config] = {
@@ -45,6 +48,9 @@ CONFIGS: dict[str, Config] = {
     "stock-cache-aware": Config("stock-cache-aware", "radix", "router-cache_aware"),
     "tokenlake-rr": Config("tokenlake-rr", "tokenlake", "router-round_robin"),
     "tokenlake-p2c": Config("tokenlake-p2c", "tokenlake", "router-power_of_two"),
+    # The router's cache-aware rule with a tight balance bound (CacheAwareConfig.pool).
+    "tokenlake-cache-aware": Config("tokenlake-cache-aware", "tokenlake", "router-cache_aware",
+                                    frontend_args=CacheAwareConfig.pool().balance_flags()),
     # sglang-router has no fewest-in-flight policy: the harness's proxy serves this one.
     "tokenlake-least-load": Config("tokenlake-least-load", "tokenlake", "proxy-least_load"),
 }
@@ -182,6 +188,12 @@ def _frontend_kind(cfg: Config, s: ClusterSettings) -> str:
     return cfg.frontend
 
 
+def frontend_flags(cfg: Config, s: ClusterSettings, kind: str) -> list[str]:
+    """The front end's extra flags: the configuration's own, then ``--router-args`` (a
+    router only), so that a flag given there overrides the configuration's."""
+    return [*cfg.frontend_args, *(s.router_args if kind.startswith("router") else [])]
+
+
 def cpu_mechanism(s: ClusterSettings) -> cpuquota.Mechanism:
     """The CPU-budget mechanism of ``s`` (detected once, then kept in ``s``)."""
     if not s.cpu_quota_mechanism:
@@ -302,8 +314,7 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
         for b in budgets:
             b.apply()
         kind = _frontend_kind(cfg, s)
-        extra = s.router_args if kind.startswith("router") else []
-        frontend = Frontend(kind, [w.url for w in workers], log_dir, extra,
+        frontend = Frontend(kind, [w.url for w in workers], log_dir, frontend_flags(cfg, s, kind),
                             avoid_ports=[w.spec.port for w in workers])
         LIVE.add(frontend)
         frontend.start()

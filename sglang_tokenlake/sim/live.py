@@ -11,6 +11,7 @@ policy for each measured configuration on them:
     stock-cache-aware        -> cache_aware  (sglang-router 0.3.2's rule)
     tokenlake-rr             -> tokenlake    (PoolPolicy; executor round robin)
     tokenlake-p2c            -> tokenlake    (PoolPolicy; executor power of two choices)
+    tokenlake-cache-aware    -> tokenlake    (PoolPolicy; executor cache_aware, pool bounds)
     tokenlake-least-load     -> tokenlake    (PoolPolicy; executor least queued work)
 
 with each worker's cache holding ``max_total_tokens`` (shrunk by its running
@@ -43,8 +44,9 @@ from sglang_tokenlake.sim.workloads import Request, Workload
 
 POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
              "tokenlake-rr": "tokenlake", "tokenlake-p2c": "tokenlake",
-             "tokenlake-least-load": "tokenlake"}
-EXECUTOR_OF = {"tokenlake-rr": "round_robin", "tokenlake-p2c": "power_of_two"}
+             "tokenlake-cache-aware": "tokenlake", "tokenlake-least-load": "tokenlake"}
+EXECUTOR_OF = {"tokenlake-rr": "round_robin", "tokenlake-p2c": "power_of_two",
+               "tokenlake-cache-aware": "cache_aware"}
 """Else the simulator's least-loaded choice."""
 _SEED = request_namespace("tokenlake-live-replay")
 

@@ -30,6 +30,10 @@ class Outcome(NamedTuple):
     the prompt its cache holds is shared with the cache, as SGLang's locked prefix."""
 
 
+EXECUTORS = ("least_loaded", "round_robin", "power_of_two", "cache_aware")
+"""How TokenLake's front end picks a request's worker (``SimConfig.tokenlake_executor``)."""
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """One simulated cluster."""
@@ -59,14 +63,22 @@ class SimConfig:
     the sum over instances. False: caches always hold ``capacity_blocks``."""
     tokenlake_executor: str = "least_loaded"
     """TokenLake: how the front end picks a request's worker: ``least_loaded`` (least
-    queued work, ties to the one holding most of its prefix), ``round_robin`` or
+    queued work, ties to the one holding most of its prefix), ``round_robin``,
     ``power_of_two`` (sglang-router's: of two random workers, the one with fewer
-    requests in flight; ties to the first)."""
+    requests in flight; ties to the first) or ``cache_aware`` (sglang-router's rule
+    with ``tokenlake_router``'s thresholds)."""
+    tokenlake_router: CacheAwareConfig = CacheAwareConfig.pool()
+    """The ``cache_aware`` executor's router settings."""
     shared_prefix_kv: bool = False
     """With ``memory_pressure``: count only the prompt KV a running request holds outside
     its executor's cache (``Outcome.held_tokens``; SGLang's running requests share their
     cached prefix with the tree) instead of the whole prompt. TokenLake then pays for
     the pulled and recomputed segments its executors hold beside their homes' copies."""
+
+    def __post_init__(self) -> None:
+        if self.tokenlake_executor not in EXECUTORS:
+            raise ValueError(f"tokenlake_executor must be one of {', '.join(EXECUTORS)}, "
+                             f"got {self.tokenlake_executor!r}")
 
     @property
     def costs(self) -> Costs:

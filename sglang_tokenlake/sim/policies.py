@@ -110,6 +110,17 @@ class Stock(Policy):
             cache.overflow()
 
 
+def route_cache_aware(router: CacheAwareRouter, req: Request, cfg: SimConfig, cluster: Cluster,
+                      now: float) -> str:
+    """The worker ``router`` picks for ``req``: its text is the request's blocks, each as
+    long in characters as its tokens (``cfg.chars_per_token``); loads are in-flight requests."""
+    seg, n = cfg.segment_size, len(req.keys)
+    tail = req.input_tokens - seg * (n - 1)
+    lengths = [round(seg * cfg.chars_per_token)] * (n - 1) + [round(tail * cfg.chars_per_token)] if n else []
+    loads = dict(zip(cluster.ids, cluster.inflights(now)))
+    return router.select(req.keys, loads, lengths, now).worker
+
+
 class CacheAware(Stock):
     name = "cache_aware"
 
@@ -122,12 +133,7 @@ class CacheAware(Stock):
         return self.cfg.router
 
     def route(self, req: Request, now: float) -> int:
-        seg, cpt = self.seg, self.cfg.chars_per_token
-        n = len(req.keys)
-        tail = req.input_tokens - seg * (n - 1)
-        lengths = [round(seg * cpt)] * (n - 1) + [round(tail * cpt)] if n else []
-        loads = dict(zip(self.cluster.ids, self.cluster.inflights(now)))
-        return self.index[self.router.select(req.keys, loads, lengths, now).worker]
+        return self.index[route_cache_aware(self.router, req, self.cfg, self.cluster, now)]
 
     def stats(self) -> dict:
         d = self.router.decisions

@@ -84,6 +84,20 @@ class CacheAwareConfig:
         return cls(cache_threshold=0.5, balance_abs_threshold=32, balance_rel_threshold=1.0001,
                    max_tree_size=2**24, fallback="smallest_tree")
 
+    @classmethod
+    def pool(cls) -> CacheAwareConfig:
+        """The rule in front of a TokenLake pool: 0.3.2's, balanced as soon as the busiest
+        worker has more than 2 requests in flight above the least loaded one. A detour
+        keeps its hit in the pool, so locality need not be paid for with the skew that
+        the defaults (64 requests) allow a per-worker cache."""
+        return cls(balance_abs_threshold=2, balance_rel_threshold=1.0)
+
+    def balance_flags(self) -> tuple[str, ...]:
+        """This config's thresholds as ``sglang_router.launch_router`` flags."""
+        return ("--cache-threshold", f"{self.cache_threshold:g}",
+                "--balance-abs-threshold", str(self.balance_abs_threshold),
+                "--balance-rel-threshold", f"{self.balance_rel_threshold:g}")
+
 
 class _Node:
     __slots__ = ("parent", "length", "children", "tenants")

@@ -11,7 +11,8 @@ Per request:
 1. Hit: the longest prefix of the request's full segments that some instance
    holds (``locations``: key -> instances with a copy).
 2. Executor: the instance with the least queued GPU work, plus the time its
-   missing segments would take to pull (so ties go to the one holding most).
+   missing segments would take to pull (so ties go to the one holding most), or
+   the front end's rule (``SimConfig.tokenlake_executor``).
 3. ``PoolPolicy.dispatch`` picks a replica and a mode for each cached segment;
    SHIP_QUERY charges partial attention to the owner's GPU, PULL_KV moves bytes.
 4. Cache update, deepest segment first: served copies are touched; new
@@ -37,7 +38,8 @@ from sglang_tokenlake.policy import PoolPolicy
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
-from sglang_tokenlake.sim.policies import Policy
+from sglang_tokenlake.sim.policies import Policy, route_cache_aware
+from sglang_tokenlake.sim.routing import CacheAwareRouter
 from sglang_tokenlake.sim.workloads import Request
 
 _MEMO: dict[tuple[str, ...], tuple[dict, dict]] = {}  # member ids -> memoized homes
@@ -99,6 +101,7 @@ class TokenLake(Policy):
         self.costs = cfg.costs
         self._served = 0
         self._rng = random.Random(0)  # power_of_two's two samples
+        self._router = CacheAwareRouter(self.ids, cfg.tokenlake_router)  # cache_aware's
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
         self._replicas_made = 0
         self._replicas_dropped = 0
@@ -130,6 +133,8 @@ class TokenLake(Policy):
             a, b = self._rng.sample(range(n), 2) if n > 1 else (0, 0)
             xs = self.cluster.instances
             ex = a if xs[a].inflight(now) <= xs[b].inflight(now) else b
+        elif self.cfg.tokenlake_executor == "cache_aware":  # sglang-router's rule, pool bounds
+            ex = self.index[route_cache_aware(self._router, req, self.cfg, self.cluster, now)]
         else:
             ex = self.least_loaded(now, extra)
         ex_id = self.ids[ex]
@@ -295,4 +300,6 @@ class TokenLake(Policy):
             "replicas_dropped": self._replicas_dropped,
             "peak_extra_replicas": self._peak_extra,
             "hot_segments_last_plan": len(self.policy.copies),
+            **({"router_decisions": dict(self._router.decisions)}
+               if self.cfg.tokenlake_executor == "cache_aware" else {}),
         }
