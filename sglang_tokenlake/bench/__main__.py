@@ -80,7 +80,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="CPU budget of every worker's process tree, in cores (a cgroup CPU "
                         "quota; v1 cpu controller, else v2, else taskset with a warning); "
                         "torch threads set to match; front end and load generator outside")
-    g.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    g.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="configurations to run (default: all)")
     g.add_argument("--startup-timeout", type=float, default=300.0)
     w = p.add_argument_group("workload")
     w.add_argument("--workload", nargs="+", default=["docs"],
