@@ -50,7 +50,7 @@ CONFIGS: dict[str, Config] = {
     "tokenlake-p2c": Config("tokenlake-p2c", "tokenlake", "router-power_of_two"),
     # The router's cache-aware rule with a tight balance bound (CacheAwareConfig.pool).
     "tokenlake-cache-aware": Config("tokenlake-cache-aware", "tokenlake", "router-cache_aware",
-                                    frontend_args=CacheAwareConfig.pool().balance_flags()),
+                                    frontend_args=CacheAwareConfig.pool().threshold_flags()),
     # sglang-router has no fewest-in-flight policy: the harness's proxy serves this one.
     "tokenlake-least-load": Config("tokenlake-least-load", "tokenlake", "proxy-least_load"),
 }

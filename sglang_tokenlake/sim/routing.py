@@ -92,7 +92,7 @@ class CacheAwareConfig:
         the defaults (64 requests) allow a per-worker cache."""
         return cls(balance_abs_threshold=2, balance_rel_threshold=1.0)
 
-    def balance_flags(self) -> tuple[str, ...]:
+    def threshold_flags(self) -> tuple[str, ...]:
         """This config's thresholds as ``sglang_router.launch_router`` flags."""
         return ("--cache-threshold", f"{self.cache_threshold:g}",
                 "--balance-abs-threshold", str(self.balance_abs_threshold),

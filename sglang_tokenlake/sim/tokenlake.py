@@ -101,7 +101,8 @@ class TokenLake(Policy):
         self.costs = cfg.costs
         self._served = 0
         self._rng = random.Random(0)  # power_of_two's two samples
-        self._router = CacheAwareRouter(self.ids, cfg.tokenlake_router)  # cache_aware's
+        self._router = (CacheAwareRouter(self.ids, cfg.tokenlake_router)
+                        if cfg.tokenlake_executor == "cache_aware" else None)
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
         self._replicas_made = 0
         self._replicas_dropped = 0
@@ -133,7 +134,7 @@ class TokenLake(Policy):
             a, b = self._rng.sample(range(n), 2) if n > 1 else (0, 0)
             xs = self.cluster.instances
             ex = a if xs[a].inflight(now) <= xs[b].inflight(now) else b
-        elif self.cfg.tokenlake_executor == "cache_aware":  # sglang-router's rule, pool bounds
+        elif self._router is not None:  # sglang-router's cache_aware rule, pool bounds
             ex = self.index[route_cache_aware(self._router, req, self.cfg, self.cluster, now)]
         else:
             ex = self.least_loaded(now, extra)
@@ -300,6 +301,5 @@ class TokenLake(Policy):
             "replicas_dropped": self._replicas_dropped,
             "peak_extra_replicas": self._peak_extra,
             "hot_segments_last_plan": len(self.policy.copies),
-            **({"router_decisions": dict(self._router.decisions)}
-               if self.cfg.tokenlake_executor == "cache_aware" else {}),
+            **({"router_decisions": dict(self._router.decisions)} if self._router else {}),
         }
