@@ -304,6 +304,35 @@ def test_pooled_caches_lose_the_sum_over_instances():
     assert simulate(w, "limit", SimConfig(2, 8, 100)).hit_tokens == 100 + 100
 
 
+def test_a_prefix_serves_others_only_once_its_prefill_has_finished():
+    # 5-second prefills (500 tokens at 10 ms): B arrives 0.1 s after A with the same
+    # prompt. In the pool B starts at once on the idle second instance, while A still
+    # computes the prefix: B computes it again (SGLang inserts a prefix after its
+    # prefill). C, much later, hits. Without the rule B hits at arrival.
+    slow = ComputeModel(prefill_s_per_token=0.01, attn_s_per_token_pair=0.0)
+    w = _two_requests(1)
+    seen = SimConfig(2, 50, 100, compute=slow, memory_pressure=False, prefill_visibility=True)
+    r = simulate(w, "limit", seen)
+    assert r.hit_tokens == 500 and r.extra["hits_cut_by_running_prefill"] == 1
+    assert simulate(w, "limit", replace(seen, prefill_visibility=False)).hit_tokens == 1000
+    assert simulate(w, "tokenlake", seen).hit_tokens == 500
+    # One instance of its own cache: B queues behind A and starts after A's prefill: a hit.
+    one = replace(seen, instances=1)
+    r = simulate(w, "stock", one)
+    assert r.hit_tokens == 1000 and r.extra["hits_cut_by_running_prefill"] == 0
+
+
+def test_a_hit_cut_by_a_running_prefill_holds_its_own_copy():
+    from sglang_tokenlake.sim.engine import _shorten
+    from sglang_tokenlake.sim.model import Outcome
+
+    out = Outcome(0, 400, {1: 200}, {"pull_kv": 1000, "put": 7}, 2.0, 30)
+    cut = _shorten(out, 1, 4, 100)
+    assert cut.hit_tokens == 100 and cut.held_tokens == 30 + 300
+    assert cut.shipped == {} and cut.bytes == {"pull_kv": 250, "put": 7}
+    assert cut.transfer_s == 0.5 and cut.worker == 0
+
+
 def test_cluster_reports_kv_holds_from_start_to_last_token():
     c = ComputeModel()
     cl = Cluster(2, c)

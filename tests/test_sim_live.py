@@ -41,6 +41,20 @@ def test_the_replayed_requests_are_the_harness_requests():
     assert 2.0 < cpt < 6.0
 
 
+def test_the_replay_takes_as_many_requests_as_the_harness_sent():
+    # bench.json as the harness writes it: the generator's parameters without a request
+    # count (the generator's default made them), the count the run sent beside them.
+    params = {k: v for k, v in PARAMS.items() if k != "requests"}
+    wl, _ = replay_requests({"name": "docs", "requests": 12, "params": params}, {}, 64)
+    sent = build("docs", {k: v for k, v in params.items()
+                          if k not in ("seed", "rate", "unique_doc_tokens")}, seed=3)
+    assert len(sent.requests) > 12  # the generator's default is more
+    sent.requests = sent.requests[:12]  # bench --requests 12
+    sent = sent.at_rate(2.0)
+    assert [r.arrival_s for r in wl.requests] == [r.arrival_s for r in sent.requests]
+    assert [r.input_tokens for r in wl.requests] == [len(r.input_ids) for r in sent.requests]
+
+
 def test_compare_simulates_each_measured_configuration(tmp_path):
     run = _bench(tmp_path, ["stock-rr", "stock-cache-aware", "tokenlake-rr", "other"])
     rows = compare(run)

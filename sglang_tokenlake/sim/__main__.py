@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-prefix-kv", action="store_true",
                    help="memory pressure counts only prompt KV held outside the executor's "
                         "cache (TokenLake pays for pulled/recomputed copies)")
+    p.add_argument("--prefill-visibility", action="store_true",
+                   help="a computed prefix serves other requests only once its prefill has "
+                        "finished; hits are decided when a request starts")
     p.add_argument("--cache-threshold", type=float, default=CacheAwareConfig.cache_threshold)
     p.add_argument("--balance-abs-threshold", type=int,
                    default=CacheAwareConfig.balance_abs_threshold)
@@ -128,6 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             segment_size=wl.segment_size, time_stretch=stretches[(u, n)], compute=compute,
             shape=shape, bandwidth_Bps=args.bandwidth_gbps * 1e9, router=router, policy=policy,
             memory_pressure=not args.no_memory_pressure, shared_prefix_kv=args.shared_prefix_kv,
+            prefill_visibility=args.prefill_visibility,
         )
         tasks.append((pol, cfg, frac, u))
     # Same instance count back to back: a worker process reuses its memoized homes.

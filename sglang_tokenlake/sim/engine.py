@@ -2,15 +2,17 @@
 
 Per request, at its arrival ``now``: the running requests' KV holds that began or
 ended by ``now`` resize the caches (``SimConfig.memory_pressure``); the policy picks
-the executor and serves the cached prefix (``Policy.serve``); the cluster queues the
-work and the request's KV hold (``Cluster.run``).
+the executor and serves the cached prefix (``Policy.serve``); with
+``SimConfig.prefill_visibility`` the hit is cut at the first block whose prefill is
+still running when the request starts (``Prefills``); the cluster queues the work and
+the request's KV hold (``Cluster.run``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -111,6 +113,52 @@ def time_stretch(workload: Workload, instances: int, compute: ComputeModel,
     return work / (target_util * instances * span)
 
 
+class Prefills:
+    """Blocks whose prefill is still running (``SimConfig.prefill_visibility``): the time
+    each becomes usable, per scope (the executing instance for per-instance caches, -1
+    for pooled ones)."""
+
+    def __init__(self) -> None:
+        self.ready_at: dict[tuple[int, int], float] = {}
+        self.cut = 0  # requests whose hit an unfinished prefill shortened
+        self._seen = 0
+
+    def usable(self, scope: int, keys: Sequence[int], hit: int, start: float) -> int:
+        """How many of the first ``hit`` blocks of ``keys`` are usable at ``start``."""
+        ready = self.ready_at
+        for j in range(hit):
+            t = ready.get((scope, keys[j]))
+            if t is not None and t > start:
+                self.cut += 1
+                return j
+        return hit
+
+    def computed(self, scope: int, keys: Sequence[int], now: float, at: float) -> None:
+        """A request admitted at ``now`` computes ``keys``; its prefill ends at ``at``."""
+        ready = self.ready_at
+        for k in keys:
+            t = ready.get((scope, k))
+            if t is None or t <= now or at < t:  # absent, stale (evicted since) or later
+                ready[(scope, k)] = at
+        self._seen += 1
+        if self._seen % 4096 == 0:  # forget blocks long usable
+            self.ready_at = {k: t for k, t in ready.items() if t > now}
+
+
+def _shorten(out: Outcome, usable: int, hit: int, seg: int) -> Outcome:
+    """``out`` with only its first ``usable`` of ``hit`` cached blocks served: the rest
+    is computed again and held by the executor while the request runs. Shipped tokens,
+    pulled bytes and transfer time shrink in proportion."""
+    f = usable / hit
+    moved = dict(out.bytes)
+    if "pull_kv" in moved:
+        moved["pull_kv"] = int(moved["pull_kv"] * f)
+    shipped = {o: int(t * f) // seg * seg for o, t in out.shipped.items()}
+    return out._replace(hit_tokens=usable * seg, shipped={o: t for o, t in shipped.items() if t},
+                        bytes=moved, transfer_s=out.transfer_s * f,
+                        held_tokens=out.held_tokens + (hit - usable) * seg)
+
+
 def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
              progress: Optional[Callable[[int], None]] = None) -> RunResult:
     """Run ``workload`` through policy ``policy_name`` (one of ``POLICIES``)."""
@@ -122,6 +170,7 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
     if prepare is not None:  # an offline policy learns the future
         prepare(workload.requests)
     bytes_ = res.bytes
+    prefills = Prefills() if cfg.prefill_visibility else None
     first = workload.requests[0].arrival_s if workload.requests else 0.0
     for n, req in enumerate(workload.requests):
         now = (req.arrival_s - first) * cfg.time_stretch
@@ -130,7 +179,18 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
             if changed:
                 policy.pressure(changed)
         out = policy.serve(req, now)
-        _account(cluster, cfg, req, now, out, res)
+        if prefills is None:
+            _account(cluster, cfg, req, now, out, res)
+        else:
+            scope = -1 if policy.pooled else out.worker
+            full = policy.full(req)
+            hit = min(out.hit_tokens // cfg.segment_size, len(full))
+            start = max(now, cluster.instances[out.worker].free_at)
+            usable = prefills.usable(scope, full, hit, start)
+            if usable < hit:
+                out = _shorten(out, usable, hit, cfg.segment_size)
+            ttft = _account(cluster, cfg, req, now, out, res)
+            prefills.computed(scope, full[usable:], now, now + ttft)
         for kind, b in out.bytes.items():
             bytes_[kind] = bytes_.get(kind, 0) + b
         if progress is not None and n % 512 == 511:
@@ -142,12 +202,15 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
     res.served = [x.served for x in cluster.instances]
     res.makespan_s = max((x.free_at for x in cluster.instances), default=0.0)
     res.extra.update(policy.stats())
+    if prefills is not None:
+        res.extra["hits_cut_by_running_prefill"] = prefills.cut
     res.wall_s = time.perf_counter() - t0
     return res
 
 
 def _account(cluster: Cluster, cfg: SimConfig, req: Request, now: float, out: Outcome,
-             res: RunResult) -> None:
+             res: RunResult) -> float:
+    """Queue ``req`` as ``out`` decided; return its time to first token."""
     shipped = sum(out.shipped.values())
     wait, ttft = cluster.run(
         out.worker, now,
@@ -167,3 +230,4 @@ def _account(cluster: Cluster, cfg: SimConfig, req: Request, now: float, out: Ou
     res.hit_tokens += out.hit_tokens
     res.ttft.append(ttft)
     res.wait.append(wait)
+    return ttft

@@ -14,9 +14,12 @@ policy for each measured configuration on them:
     tokenlake-cache-aware    -> tokenlake    (PoolPolicy; executor cache_aware, pool bounds)
     tokenlake-least-load     -> tokenlake    (PoolPolicy; executor least queued work)
 
-with each worker's cache holding ``max_total_tokens`` (shrunk by its running
-requests' KV) and compute times calibrated from the harness's own lone-request
-measurements (TTFT per prompt token, decode seconds per step). It prints the
+with each worker's cache holding ``max_total_tokens`` and compute times calibrated
+from the harness's own lone-request measurements (TTFT per prompt token, decode
+seconds per step). Memory as in SGLang: a running request holds its output and the
+part of its prompt outside its worker's cache (``SimConfig.shared_prefix_kv``); a
+prefix is usable once the prefill that computes it has finished, and a request's hit
+is decided when it starts (``SimConfig.prefill_visibility``). It prints the
 simulated against the measured hit rate and load CV (requests per worker) per
 configuration, and writes ``sim_vs_live.json`` beside the run.
 """
@@ -70,7 +73,10 @@ def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
     if gen is not None:  # the summary also records derived figures: keep the arguments
         accepted = inspect.signature(gen).parameters
         params = {k: v for k, v in params.items() if k in accepted}
-    wl = build(meta_wl["name"], params, seed=seed).at_rate(rate)
+    wl = build(meta_wl["name"], params, seed=seed)
+    if meta_wl.get("requests") is not None:  # the harness's --requests cut the list so
+        wl.requests = wl.requests[: int(meta_wl["requests"])]
+    wl = wl.at_rate(rate)
     done: dict[str, tuple[list[int], list[int]]] = {}
     out: list[Request] = []
     chars = tokens = 0
@@ -133,7 +139,8 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
         recs = {rid: r for (w, rid), r in records.items() if w == name}
         workload, cpt = replay_requests(meta_wl, recs, S)
         cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
-                        policy=policy_of(settings))
+                        policy=policy_of(settings), shared_prefix_kv=True,
+                        prefill_visibility=True)
         sims: dict[str, Any] = {}
         rate = float(meta_wl["params"]["rate"])
         for s in bench["summaries"]:  # this workload at this rate (a sweep has several)

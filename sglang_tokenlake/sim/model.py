@@ -74,6 +74,13 @@ class SimConfig:
     its executor's cache (``Outcome.held_tokens``; SGLang's running requests share their
     cached prefix with the tree) instead of the whole prompt. TokenLake then pays for
     the pulled and recomputed segments its executors hold beside their homes' copies."""
+    prefill_visibility: bool = False
+    """A block a request computes becomes usable by other requests only once that
+    request's prefill has finished (SGLang inserts a prefix into its tree after the
+    prefill; the pool indexes it then), and a request's hit is decided when it starts
+    rather than when it arrives. Requests that meet an unfinished prefill of the same
+    prefix compute it again and hold that copy while they run. Per instance for the
+    per-instance caches, pool-wide for the pooled ones (``Policy.pooled``)."""
 
     def __post_init__(self) -> None:
         if self.tokenlake_executor not in EXECUTORS:

@@ -40,6 +40,9 @@ class Policy:
     """One way of running a cluster: picks the executor and serves the cached prefix."""
 
     name = "policy"
+    pooled = True
+    """Its cache is one for the whole cluster (a block computed anywhere serves every
+    instance); False: each instance has its own."""
 
     def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
         self.cfg = cfg
@@ -85,6 +88,7 @@ class Policy:
 
 class Stock(Policy):
     name = "stock"
+    pooled = False
 
     def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
         super().__init__(cfg, cluster)
