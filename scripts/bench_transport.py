@@ -12,7 +12,11 @@
    between workers for heartbeats, pulls and leases: the caller hands the request
    to the agent thread and waits on a future) and the same with ``direct=True``
    (a forward pass's shipped queries: sent and received on the caller's thread).
-   Baseline: bare ZeroMQ REQ/REP with a 64-byte message.
+   Baseline: bare ZeroMQ REQ/REP with a 64-byte message. The direct path is the
+   pool's synchronous requests: shipped queries and leases.
+
+Each measurement runs in 5 interleaved rounds; the JSON has medians (KV: the
+median of the per-round ratios, with their range).
 
 Servers run in their own processes. Prints a table with ratios, writes JSON.
 
@@ -26,6 +30,7 @@ import json
 import multiprocessing as mp
 import platform
 import socket
+import statistics
 import struct
 import sys
 import time
@@ -33,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
+ROUNDS = 5
 
 
 # -- servers (separate processes) ---------------------------------------------------------
@@ -265,16 +271,26 @@ def main() -> int:
     print(f"{'payload':>10} {'raw TCP GB/s':>13} {'broker GB/s':>12} {'ratio':>6} "
           f"{'broker+gather GB/s':>19} {'ratio':>6}")
     for size in sizes:
-        n = reps[size]
-        tcp = bench_tcp(tcp_port, size, n)
-        brk = bench_broker(broker_ep, size, n, a.inflight)
+        # Interleaved rounds, medians: loopback speed drifts on a shared machine, and each
+        # round's ratio compares paths measured moments apart.
+        n = max(1, reps[size] // ROUNDS)
         tokens = size // (32 * 8 * 256 * 2)
-        gat = bench_broker(broker_ep, size, n, a.inflight, gather_tokens=tokens) if tokens else None
+        tcps, brks, gats = [], [], []
+        for _ in range(ROUNDS):
+            tcps.append(bench_tcp(tcp_port, size, n))
+            brks.append(bench_broker(broker_ep, size, n, a.inflight))
+            if tokens:
+                gats.append(bench_broker(broker_ep, size, n, a.inflight, gather_tokens=tokens))
+        tcp, brk = statistics.median(tcps), statistics.median(brks)
+        gat = statistics.median(gats) if gats else None
+        ratio = statistics.median(b / t for b, t in zip(brks, tcps))
         rows.append({"payload_bytes": size, "raw_tcp_gbps": tcp / 1e9, "broker_gbps": brk / 1e9,
-                     "ratio": brk / tcp, "broker_gather_gbps": None if gat is None else gat / 1e9,
+                     "ratio": ratio, "ratio_min": min(b / t for b, t in zip(brks, tcps)),
+                     "ratio_max": max(b / t for b, t in zip(brks, tcps)),
+                     "broker_gather_gbps": None if gat is None else gat / 1e9,
                      "gather_tokens": tokens})
         gs = f"{gat / 1e9:>19.2f} {gat / tcp:>6.2f}" if gat else f"{'-':>19} {'-':>6}"
-        print(f"{size // 1024:>8}Ki {tcp / 1e9:>13.2f} {brk / 1e9:>12.2f} {brk / tcp:>6.2f} {gs}")
+        print(f"{size // 1024:>8}Ki {tcp / 1e9:>13.2f} {brk / 1e9:>12.2f} {ratio:>6.2f} {gs}")
     n_rtt = 500 if a.quick else 3000
     # Interleaved rounds: the machine's drift falls on every path alike.
     rb, ra, rd, rz = [], [], [], []
@@ -293,7 +309,7 @@ def main() -> int:
     print(f"\nRPC round trip ({n_rtt} each, 5 interleaved rounds), p50 / p99 us:")
     print(f"  bare ZeroMQ REQ/REP          {rtt['zmq_p50_us']:6.0f} / {rtt['zmq_p99_us']:6.0f}")
     for path, what in (("broker", "Client -> Broker (CLI)"), ("agent", "PeerAgent -> Broker (pool)"),
-                       ("direct", "PeerAgent direct (shipping)")):
+                       ("direct", "PeerAgent direct (ship, lease)")):
         print(f"  {what:28s} {rtt[f'{path}_p50_us']:6.0f} / {rtt[f'{path}_p99_us']:6.0f}"
               f"   ratio {rtt[f'{path}_p50_ratio']:.2f} / {rtt[f'{path}_p99_ratio']:.2f}")
     for pr in procs:

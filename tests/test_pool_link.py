@@ -238,6 +238,15 @@ def test_a_failed_pull_commits_nothing():
     assert (loaded, last) == (0, device)
     assert a.free_tokens() == free_before and a.tree.local_nodes == local_before
     assert a.stats.pull_fallbacks == 1
+    c = a.pool.counters
+    assert (c["pull_failures"], c["pull_not_found"], c["pull_errors"]) == (1, 1, 0)
+    check_all(hosts)
+    # An owner that does not answer: an error, not a missing segment.
+    net.dropped = lambda peer, kind, h: kind == "get"
+    a.pool.transfers._pulls.clear()
+    loaded, _ = a.pool.transfers.load_back(req, run[-1], device, len(run) * S)
+    assert loaded == 0
+    assert (c["pull_failures"], c["pull_not_found"], c["pull_errors"]) == (2, 1, 1)
     check_all(hosts)
 
 
@@ -294,6 +303,9 @@ def test_ship_leases_the_owners_segments_until_the_request_leaves():
     assert shipped == [n.key for n in nodes if n.value is None]
     assert a.free_tokens() == a.capacity - a.tree.cached_tokens  # no slot for shipped segments
     assert len(b.pool.remote.leases) == 1
+    # The lease left on the scheduler thread's own socket (no hand-off to the agent thread).
+    assert a.pool.agent.counters["direct_sent"] == 1
+    assert [k for w, _, k in net.sent if w == A and k == "lease"] == ["lease"]
     b.evict(10**6)  # leased segments survive any eviction (pinned before it)
     assert all(b.tree.nodes[k].lock_ref > 0 for k in shipped)
     assert all(b.tree.nodes[k].value is not None for k in shipped)

@@ -125,7 +125,8 @@ class RemoteAttention:
                 owner, "lease", {"from": self.view.self_id, "lease": plan.lease,
                                  "keys": [k for _, k in segs],
                                  "digests": [plan.digests[k] for _, k in segs]},
-                timeout=max(0.05, deadline - time.monotonic()))
+                # The scheduler thread waits for the answer itself: no agent hand-off.
+                timeout=max(0.05, deadline - time.monotonic()), direct=True)
             for owner, segs in plan.owners.items()
         }
         ok = True

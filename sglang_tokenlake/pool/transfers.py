@@ -361,19 +361,19 @@ class Transfers:
         datas = []
         for n, want in need:
             entry = self._pulls.pop(n.key, None)
-            if entry is None:
-                self.counters.add("pull_failures")
+            if entry is None:  # no usable owner to ask
+                self._pull_failed("pull_no_owner")
                 return False
             fut, i, _ = entry
             try:
                 msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as e:
-                self.counters.add("pull_failures")
+                self._pull_failed("pull_errors")
                 logger.info("TokenLake: pull of a segment failed (%s); recomputing", e)
                 return False
             found, toks = msg.header.get("found"), msg.header.get("tokens")
             if not isinstance(found, list) or i >= len(found) or not found[i]:
-                self.counters.add("pull_failures")
+                self._pull_failed("pull_not_found")  # evicted at the owner since announced
                 return False
             j = sum(1 for f in found[:i] if f)
             if not isinstance(toks, list) or j >= len(toks) or toks[j] != want:
@@ -381,7 +381,7 @@ class Transfers:
                 return False
             buf = msg.buffers[j] if j < len(msg.buffers) else None
             if buf is None or buf.nbytes != self.seg_bytes:
-                self.counters.add("pull_failures")
+                self._pull_failed("pull_bad_reply")
                 return False
             datas.append(buf)
         if not need:
@@ -404,6 +404,11 @@ class Transfers:
         self.counters.add("pulled_segments", len(need))
         self.counters.add("pulled_bytes", len(need) * self.seg_bytes)
         return True
+
+    def _pull_failed(self, why: str) -> None:
+        """Count a failed pull (``pull_failures``) and its cause (``why``)."""
+        self.counters.add("pull_failures")
+        self.counters.add(why)
 
     def sweep_transient(self) -> None:
         """Drop transient copies whose home holds them, once no request uses them."""
