@@ -30,7 +30,7 @@ Plain Python: no torch, sglang or zmq. The tree never frees memory itself;
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -338,6 +338,12 @@ class SegmentTree:
     def clock(self) -> int:
         """The access clock (``last_access`` values are readings of it)."""
         return self._tick
+
+    def used(self, nodes: Iterable[SegmentNode]) -> None:
+        """Local copies served to another worker (pulled, leased): used now, as a match uses them."""
+        t = self._touch()
+        for n in nodes:
+            n.last_access, n.hits = t, n.hits + 1
 
     def drop(self, node: SegmentNode) -> Any:
         """Drop one unlocked local copy (whatever its place in the LRU); returns its value."""

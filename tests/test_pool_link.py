@@ -222,6 +222,34 @@ def test_pull_brings_the_whole_run_in_and_honours_the_plan():
     check_all(hosts)
 
 
+@pytest.mark.parametrize("mode", ["pull", "ship"])
+def test_segments_served_to_a_peer_are_as_recent_at_their_owner_as_a_local_hit(mode):
+    # B computes X, then Y; A's request uses X from B (pulled or shipped to). X is now
+    # B's most recently used chain: B, short of room, evicts Y, not the pool's hot X.
+    net = FakeNet()
+    hosts = make_pool(net, [A, B], remote_mode=mode, transient_copies=False)
+    net.heartbeat()
+    a, b = hosts[A], hosts[B]
+    x_tokens = list(range(100, 132))
+    x = b.compute(x_tokens)
+    y = b.compute(list(range(500, 532)))
+    for h in hosts.values():
+        h.pool.poll()
+    req = fake_req(x_tokens)
+    path, run, device = _match(a, *chain(x_tokens), x_tokens, req)
+    assert not path and len(run) == len(x)
+    loaded, _ = a.pool.transfers.load_back(req, run[-1], device, len(run) * S)
+    assert loaded == len(x) * S
+    b.pool.poll()  # B's scheduler: marks what it served, pins what it leased
+    a.pool.forget(req)
+    for h in hosts.values():
+        h.pool.poll()
+    gone = {n.key for n in b.evict(len(y) * S)}
+    assert gone == set(y)
+    assert all(b.tree.nodes[k].value is not None for k in x)
+    check_all(hosts)
+
+
 def test_a_failed_pull_commits_nothing():
     net, hosts, tokens, keys, raw = _remote_setup("pull")
     a, b = hosts[A], hosts[B]

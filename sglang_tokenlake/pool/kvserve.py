@@ -1,13 +1,15 @@
 """Serving peers' reads and writes of this worker's segments.
 
 ``get``: the KV and tokens of the requested segments this worker holds, gathered
-on the broker thread under the slot mutex. ``put``: segments whose home is this
+on the broker thread under the slot mutex; the scheduler thread then marks them
+used (``mark_served``), as a local hit would. ``put``: segments whose home is this
 worker, checked (key chain, tokens, sizes) on the broker thread and stored on
 the scheduler thread, within a bound on the KV bytes queued.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Optional
 
@@ -52,6 +54,7 @@ class SegmentServer:
         self.layout = kvio.layout_of(self.kvcache)
         self.seg_bytes = self.S * self.layout.bytes_per_token()
         self.puts = JobGate(host.submit, MAX_PENDING_PUT_BYTES, counters)  # KV bytes queued
+        self.served: deque[list[int]] = deque()  # keys sent to peers, for the scheduler thread
 
     def on_get(self, req: Request) -> None:
         keys = req.msg.header.get("keys")
@@ -74,9 +77,24 @@ class SegmentServer:
                 bufs.append(kvio.gather(self.kvcache, base[off : off + self.S]).numpy())
                 toks.append(node.tokens)
                 found.append(True)
+        if bufs:
+            self.served.append([k for k, f in zip(keys, found) if f])
         self.counters.add("served_segments", len(bufs))
         self.counters.add("served_bytes", sum(b.nbytes for b in bufs))
         req.reply("kv", {"found": found, "tokens": toks}, bufs)
+
+    def mark_served(self) -> None:
+        """Scheduler thread: the copies peers pulled since the last call were used now.
+        A segment the pool uses only through pulls stays as recent at its owner as one
+        used locally; else the owner evicts the pool's hottest segments first."""
+        nodes = []
+        while self.served:
+            for k in self.served.popleft():
+                node = self.tree.nodes.get(k)
+                if node is not None and node.value is not None:
+                    nodes.append(node)
+        if nodes:
+            self.tree.used(nodes)
 
     def on_put(self, req: Request) -> None:
         if self.known_sender(req) is None:

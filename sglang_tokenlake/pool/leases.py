@@ -184,6 +184,7 @@ class LeaseTable:
                 continue
             lease.nodes = nodes
             lease.state = PINNED
+            self.tree.used(nodes)  # served to the requester: as recent as a local hit
 
     def drop(self, lease_id: str, peer: Optional[str] = None) -> bool:
         """End ``lease_id`` (only ``peer``'s, when given)."""

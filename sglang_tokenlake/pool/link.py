@@ -335,7 +335,7 @@ class PoolLink:
         self.index.flush()
         if self.transfers.drop:
             self.transfers.sweep_transient()
-        self.transfers.expire_pulls(now)
+        self.transfers.tick(now)
         if now >= self._next_lease_check:
             self._next_lease_check = now + 1.0
             self.remote.leases.expire()

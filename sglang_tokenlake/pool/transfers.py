@@ -419,6 +419,11 @@ class Transfers:
         self.drop.difference_update(ready)
         self.host.drop_nodes(ready)
 
+    def tick(self, now: float) -> None:
+        """Scheduler thread, each poll: mark what peers pulled as used; expire stale pulls."""
+        self.server.mark_served()
+        self.expire_pulls(now)
+
     def expire_pulls(self, now: float) -> None:
         for k, (fut, _, t0) in list(self._pulls.items()):
             if fut.done() and now - t0 > 30.0:
