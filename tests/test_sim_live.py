@@ -135,6 +135,21 @@ def test_cache_aware_executor_keeps_a_documents_requests_together_within_the_poo
     assert tight.hit_rate > 0
 
 
+def test_least_inflight_executor_is_the_harness_proxys_least_load():
+    from sglang_tokenlake.sim.engine import simulate
+    from sglang_tokenlake.sim.model import SimConfig
+    from sglang_tokenlake.sim.workloads import Request, Workload
+
+    a, b = (11, 12, 13), (21, 22, 23)  # two prompts' block keys (64-token blocks)
+    reqs = [Request(0.0, 192, 4, a), Request(1e-4, 192, 4, b), Request(1e6, 192, 4, b)]
+    cfg = SimConfig(2, 64, 64, tokenlake_executor="least_inflight")
+    # A goes to w0; B, while A runs, to the idle w1; B's follow-up, with both idle, back
+    # to w1 (its first 64 tokens were last served there), not to w0 next in rotation.
+    assert simulate(Workload("t", 64, reqs), "tokenlake", cfg).served == [1, 2]
+    reqs[2] = Request(1e6, 192, 4, (31, 32, 33))  # a new prompt: the rotation's turn
+    assert simulate(Workload("t", 64, reqs), "tokenlake", cfg).served == [2, 1]
+
+
 def test_an_unknown_executor_is_an_error():
     import pytest
 

@@ -12,7 +12,8 @@ policy for each measured configuration on them:
     tokenlake-rr             -> tokenlake    (PoolPolicy; executor round robin)
     tokenlake-p2c            -> tokenlake    (PoolPolicy; executor power of two choices)
     tokenlake-cache-aware    -> tokenlake    (PoolPolicy; executor cache_aware, pool bounds)
-    tokenlake-least-load     -> tokenlake    (PoolPolicy; executor least queued work)
+    tokenlake-least-load     -> tokenlake    (PoolPolicy; executor the proxy's least_load:
+                                              fewest requests in flight, prefix ties)
 
 with each worker's cache holding ``max_total_tokens`` and compute times calibrated
 from the harness's own lone-request measurements (TTFT per prompt token, decode
@@ -49,8 +50,7 @@ POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
              "tokenlake-rr": "tokenlake", "tokenlake-p2c": "tokenlake",
              "tokenlake-cache-aware": "tokenlake", "tokenlake-least-load": "tokenlake"}
 EXECUTOR_OF = {"tokenlake-rr": "round_robin", "tokenlake-p2c": "power_of_two",
-               "tokenlake-cache-aware": "cache_aware"}
-"""Else the simulator's least-loaded choice."""
+               "tokenlake-cache-aware": "cache_aware", "tokenlake-least-load": "least_inflight"}
 _SEED = request_namespace("tokenlake-live-replay")
 
 
@@ -147,7 +147,7 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
             if s["workload"] != name or s["rate"] != rate or s["config"] not in POLICY_OF:
                 continue
             pol = POLICY_OF[s["config"]]
-            ex = EXECUTOR_OF.get(s["config"], "least_loaded")
+            ex = EXECUTOR_OF.get(s["config"], SimConfig.tokenlake_executor)
             if (pol, ex) not in sims:
                 sims[(pol, ex)] = simulate(workload, pol, replace(cfg, tokenlake_executor=ex))
             res = sims[(pol, ex)]

@@ -30,7 +30,7 @@ class Outcome(NamedTuple):
     the prompt its cache holds is shared with the cache, as SGLang's locked prefix."""
 
 
-EXECUTORS = ("least_loaded", "round_robin", "power_of_two", "cache_aware")
+EXECUTORS = ("least_loaded", "round_robin", "power_of_two", "cache_aware", "least_inflight")
 """How TokenLake's front end picks a request's worker (``SimConfig.tokenlake_executor``)."""
 
 
@@ -66,7 +66,9 @@ class SimConfig:
     queued work, ties to the one holding most of its prefix), ``round_robin``,
     ``power_of_two`` (sglang-router's: of two random workers, the one with fewer
     requests in flight; ties to the first) or ``cache_aware`` (sglang-router's rule
-    with ``tokenlake_router``'s thresholds)."""
+    with ``tokenlake_router``'s thresholds) or ``least_inflight`` (the harness's least-load
+    proxy: fewest requests in flight, ties to the worker that last served the same first
+    64 tokens, else the next after the last pick)."""
     tokenlake_router: CacheAwareConfig = CacheAwareConfig.pool()
     """The ``cache_aware`` executor's router settings."""
     shared_prefix_kv: bool = False

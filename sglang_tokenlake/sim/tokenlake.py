@@ -101,6 +101,7 @@ class TokenLake(Policy):
         self.costs = cfg.costs
         self._served = 0
         self._rng = random.Random(0)  # power_of_two's two samples
+        self._affinity: dict[int, int] = {}  # least_inflight: first-64-token key -> last worker
         self._router = (CacheAwareRouter(self.ids, cfg.tokenlake_router)
                         if cfg.tokenlake_executor == "cache_aware" else None)
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
@@ -136,6 +137,8 @@ class TokenLake(Policy):
             ex = a if xs[a].inflight(now) <= xs[b].inflight(now) else b
         elif self._router is not None:  # sglang-router's cache_aware rule, pool bounds
             ex = self.index[route_cache_aware(self._router, req, self.cfg, self.cluster, now)]
+        elif self.cfg.tokenlake_executor == "least_inflight":  # the harness's proxy
+            ex = self._least_inflight(req, now)
         else:
             ex = self.least_loaded(now, extra)
         ex_id = self.ids[ex]
@@ -182,6 +185,23 @@ class TokenLake(Policy):
         kept = sum(1 for key in full if ex_id in loc.get(key, ()))
         held = req.input_tokens - (kept * seg + sum(shipped.values()))
         return Outcome(ex, hit, shipped, moved, transfer_s, held)
+
+    def _least_inflight(self, req: Request, now: float) -> int:
+        """``bench.proxy``'s least_load: fewest requests in flight, scanning from the one
+        after the last pick; a tie goes to the worker that last served a request with the
+        same first 64 tokens (``AFFINITY_TOKENS``; the key of the block ending there)."""
+        xs, n = self.cluster.instances, len(self.ids)
+        order = [(self._rr + j) % n for j in range(n)]
+        load = [x.inflight(now) for x in xs]
+        ex = min(order, key=lambda j: load[j])
+        if req.keys:
+            first = req.keys[min(len(req.keys), max(1, 64 // self.seg)) - 1]
+            last = self._affinity.get(first)
+            if last is not None and load[last] == load[ex]:
+                ex = last
+            self._affinity[first] = ex
+        self._rr = ex + 1
+        return ex
 
     def _update(self, full, serving: dict[int, str], ex_id: str) -> int:
         """Touch served copies and place new segments, deepest first; evict; return put bytes."""
