@@ -53,6 +53,10 @@ def _print_status(st: dict[str, Any]) -> None:
         c = p["counters"]
         moved = {k: v for k, v in c.items() if k.endswith("_bytes") or k.endswith("_segments")}
         print(f"        moved: {moved}")
+        failed = {k: v for k, v in c.items()
+                  if k.startswith(("pull_", "lease_", "leases_")) and v and k not in moved}
+        if failed:  # e.g. pull_not_found: evicted at the owner since it was announced
+            print(f"        failures: {failed}")
         leases = p.get("leases")
         if leases:
             print(f"        leases: granted to {leases['granted_to']} held at {leases['held_at']} "

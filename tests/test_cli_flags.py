@@ -70,3 +70,23 @@ def test_readme_documents_every_flag():
     assert "--cache-backend" in readme
     for f in dataclasses.fields(TokenLakeConfig):
         assert f"--tokenlake-{f.name.replace('_', '-')}" in readme, f.name
+
+
+def test_status_prints_the_pools_failures_by_cause(capsys):
+    from sglang_tokenlake.cli import _print_status
+
+    st = {"worker": "w0", "segment_size": 64, "page_size": 16, "local_segments": 3,
+          "known_segments": 5,
+          "memory": {"capacity": 8, "free": 1, "cached": 7, "locked": 0, "evictable": 7,
+                     "held_by_requests": 0},
+          "stats": {"requests": 2, "hit_tokens": 64, "miss_tokens": 64, "hit_rate": 0.5,
+                    "evicted_segments": 1},
+          "pool": {"members": [{"id": "w0", "self": True, "alive": True}],
+                   "designated_segments": 3, "transient_segments": 0,
+                   "remote_segments_by_owner": {},
+                   "counters": {"pulled_segments": 4, "pull_failures": 2, "pull_not_found": 1,
+                                "pull_errors": 1, "pull_no_owner": 0, "lease_failures": 0}}}
+    _print_status(st)
+    out = capsys.readouterr().out
+    assert "failures: {'pull_failures': 2, 'pull_not_found': 1, 'pull_errors': 1}" in out
+    assert "'pulled_segments': 4" in out  # moved, not a failure
