@@ -54,7 +54,9 @@ class SegmentServer:
         self.layout = kvio.layout_of(self.kvcache)
         self.seg_bytes = self.S * self.layout.bytes_per_token()
         self.puts = JobGate(host.submit, MAX_PENDING_PUT_BYTES, counters)  # KV bytes queued
-        self.served: deque[list[int]] = deque()  # keys sent to peers, for the scheduler thread
+        # Keys sent to peers, for the scheduler thread (bounded: an idle scheduler loses
+        # only the oldest touches).
+        self.served: deque[list[int]] = deque(maxlen=4096)
 
     def on_get(self, req: Request) -> None:
         keys = req.msg.header.get("keys")
