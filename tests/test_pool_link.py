@@ -252,29 +252,60 @@ def test_segments_served_to_a_peer_are_as_recent_at_their_owner_as_a_local_hit(m
 
 def test_a_failed_pull_commits_nothing():
     net, hosts, tokens, keys, raw = _remote_setup("pull")
-    a, b = hosts[A], hosts[B]
+    a = hosts[A]
     req = fake_req(tokens)
     path, run, device = _match(a, keys, raw, tokens, req)
-    remote = [n for n in run if n.value is None]
-    assert len(remote) >= 2
-    # The owner loses the last remote segment after the plan: nothing may be committed.
+    assert [n for n in run if n.value is None]
+    # The owner does not answer: nothing may be committed, the request recomputes.
+    net.dropped = lambda peer, kind, h: kind == "get"
     a.pool.transfers._pulls.clear()
-    victim = b.tree.nodes[remote[-1].key]
-    b.drop_nodes([victim])
     free_before, local_before = a.free_tokens(), a.tree.local_nodes
     loaded, last = a.pool.transfers.load_back(req, run[-1], device, len(run) * S)
     assert (loaded, last) == (0, device)
     assert a.free_tokens() == free_before and a.tree.local_nodes == local_before
     assert a.stats.pull_fallbacks == 1
     c = a.pool.counters
-    assert (c["pull_failures"], c["pull_not_found"], c["pull_errors"]) == (1, 1, 0)
+    assert (c["pull_failures"], c["pull_not_found"], c["pull_errors"]) == (1, 0, 1)
+    assert c["pull_deferrals"] == 0
     check_all(hosts)
-    # An owner that does not answer: an error, not a missing segment.
-    net.dropped = lambda peer, kind, h: kind == "get"
+
+
+def test_a_pull_that_finds_segments_gone_waits_then_loads_what_is_left():
+    from sglang_tokenlake.pool.transfers import MAX_DEFERRALS
+
+    net, hosts, tokens, keys, raw = _remote_setup("pull")
+    a, b = hosts[A], hosts[B]
+    req = fake_req(tokens)
+    path, run, device = _match(a, keys, raw, tokens, req)
+    remote = [n for n in run if n.value is None]
+    assert len(remote) >= 2
+    # The owner lost the last remote segment after the plan (its eviction notice not
+    # yet here): nothing is committed, the index forgets that copy, the request waits.
     a.pool.transfers._pulls.clear()
-    loaded, _ = a.pool.transfers.load_back(req, run[-1], device, len(run) * S)
-    assert loaded == 0
-    assert (c["pull_failures"], c["pull_not_found"], c["pull_errors"]) == (2, 1, 1)
+    victim = remote[-1].key
+    b.drop_nodes([b.tree.nodes[victim]])
+    free_before, local_before = a.free_tokens(), a.tree.local_nodes
+    assert a.pool.transfers.load_back(req, run[-1], device, len(run) * S) is None
+    assert a.free_tokens() == free_before and a.tree.local_nodes == local_before
+    c = a.pool.counters
+    assert (c["pull_failures"], c["pull_not_found"], c["pull_deferrals"]) == (1, 1, 1)
+    assert a.stats.pull_fallbacks == 0
+    node = a.tree.nodes.get(victim)
+    assert node is None or B not in node.owners
+    check_all(hosts)
+    # Matched again at a later round: the run stops before the lost segment and loads.
+    path2, run2, device2 = _match(a, keys, raw, tokens, req)
+    assert len(path2) + len(run2) == keys.index(victim)
+    loaded, last = a.pool.transfers.load_back(req, run2[-1], device2, len(run2) * S)
+    assert loaded == len(run2) * S and last is run2[-1]
+    assert all(a.tree.nodes[n.key].value is not None for n in run2)
+    check_all(hosts)
+    # A request deferred MAX_DEFERRALS times already recomputes instead of waiting again.
+    other = fake_req(tokens)
+    a.pool.transfers._deferrals.set(other, MAX_DEFERRALS)
+    a.pool.transfers.missing = [(B, keys[0])]
+    assert not a.pool.transfers._defer(other)
+    assert c["pull_deferrals"] == 1
     check_all(hosts)
 
 

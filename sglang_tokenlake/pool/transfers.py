@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 DECODE_STEPS_CAP = 256  # decode steps a request is expected to ship queries for, at most
 PLAN_REUSE_S = 0.5  # a waiting request matched again within this keeps its dispatch decision
+MAX_DEFERRALS = 2  # admissions of one request deferred after pulls found segments gone
 
 
 class Transfers:
@@ -83,7 +84,10 @@ class Transfers:
         self.calibration = calibration or Calibration()
         self.calibration.layers = self.layout.layers
         self.ship_ok = True  # query shipping possible on this worker (set by the adapter)
-        self._pulls: dict[int, tuple[Future, int, float]] = {}  # key -> (future, index, started)
+        # key -> (future, index in its reply, started, owner asked)
+        self._pulls: dict[int, tuple[Future, int, float, str]] = {}
+        self.missing: list[tuple[str, int]] = []  # (owner, key) a pull found gone
+        self._deferrals: RequestTable[int] = RequestTable()  # req -> admissions deferred
         self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
         self._decisions: RequestTable[tuple[tuple[int, ...], list[Assignment], float]] = RequestTable()
         self.drop: set[SegmentNode] = set()  # transient copies to drop once unlocked
@@ -234,10 +238,12 @@ class Transfers:
     def forget(self, req: Any) -> None:
         """A request left the scheduler: drop its dispatch decisions."""
         self._decisions.pop(req)
+        self._deferrals.pop(req)
 
     def sweep_requests(self) -> None:
         """Drop the decisions of requests that left without a release."""
         self._decisions.sweep()
+        self._deferrals.sweep()
 
     def reset(self) -> None:
         """The cache was flushed: nothing pending refers to the old tree's nodes."""
@@ -245,12 +251,17 @@ class Transfers:
         self._pulls.clear()
         self._migrating.clear()
         self._decisions.clear()
+        self._deferrals.clear()
+        self.missing.clear()
 
     def load_back(self, req: Any, best_match_node: SegmentNode, device_node: SegmentNode,
-                  host_hit_length: int) -> tuple[int, SegmentNode]:
+                  host_hit_length: int) -> Optional[tuple[int, SegmentNode]]:
         """Bring in the remote run of ``req``: lease its shipped segments at their
         owners and pull the rest into local slots. Returns (tokens now usable,
-        last node); all or nothing, (0, device_node) on any failure."""
+        last node); all or nothing, (0, device_node) on any failure. None (SGLang
+        admits the request at a later round) when a pull found segments gone from their
+        owners: the index forgets them, and the next match loads what is left
+        (``_defer``)."""
         stats = self.host.stats
         S = self.S
         run: list[SegmentNode] = []
@@ -299,6 +310,7 @@ class Transfers:
         # Pin the run (and the local nodes in it) while slots are made for it.
         self.tree.lock(run[-1])
         try:
+            self.missing = []
             ok = self.load_run([run[i] for i in pull], [seg_tokens[i] for i in pull], deadline)
         finally:
             self.tree.unlock(run[-1])
@@ -306,6 +318,8 @@ class Transfers:
             if plan is not None:
                 assert self.remote is not None
                 self.remote.release(plan)
+            if self._defer(req):
+                return None
             stats.pull_fallbacks += 1
             return 0, device_node
         if plan is not None:
@@ -315,6 +329,22 @@ class Transfers:
             self.counters.add("shipped_segments", len(ship))
         stats.pulled_tokens += len(pull) * S
         return len(run) * S, run[-1]
+
+    def _defer(self, req: Any) -> bool:
+        """A pull found that owners no longer hold some segments (``self.missing``): forget
+        those copies and leave ``req`` waiting (SGLang admits it at a later round, matched
+        again: the run then stops before what is gone, and the rest still loads), instead of
+        recomputing the whole run. At most ``MAX_DEFERRALS`` times per request."""
+        missing, self.missing = self.missing, []
+        n = self._deferrals.get(req) or 0
+        if not missing or n >= MAX_DEFERRALS:
+            return False
+        for owner, key in missing:
+            self.tree.remove_owner_keys([key], owner)
+        self._deferrals.set(req, n + 1)
+        self._decisions.pop(req)
+        self.counters.add("pull_deferrals")
+        return True
 
     def owner_for(self, node: SegmentNode) -> Optional[str]:
         owners = [o for o in node.owners if self.view.usable(o)]
@@ -341,7 +371,7 @@ class Transfers:
                                      timeout=self.config.pull_timeout)
             fut.add_done_callback(lambda f, o=owner, t0=now: self._timed(f, o, t0))
             for i, k in enumerate(ks):
-                self._pulls[k] = (fut, i, now)
+                self._pulls[k] = (fut, i, now, owner)
             self.counters.add("get_requests")
 
     def _timed(self, fut: Future, owner: str, t0: float) -> None:
@@ -364,7 +394,7 @@ class Transfers:
             if entry is None:  # no usable owner to ask
                 self._pull_failed("pull_no_owner")
                 return False
-            fut, i, _ = entry
+            fut, i, _, owner = entry
             try:
                 msg = fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as e:
@@ -374,6 +404,7 @@ class Transfers:
             found, toks = msg.header.get("found"), msg.header.get("tokens")
             if not isinstance(found, list) or i >= len(found) or not found[i]:
                 self._pull_failed("pull_not_found")  # evicted at the owner since announced
+                self.missing.append((owner, n.key))
                 return False
             j = sum(1 for f in found[:i] if f)
             if not isinstance(toks, list) or j >= len(toks) or toks[j] != want:
@@ -425,6 +456,6 @@ class Transfers:
         self.expire_pulls(now)
 
     def expire_pulls(self, now: float) -> None:
-        for k, (fut, _, t0) in list(self._pulls.items()):
+        for k, (fut, _, t0, _) in list(self._pulls.items()):
             if fut.done() and now - t0 > 30.0:
                 del self._pulls[k]  # prefetched but never used

@@ -361,8 +361,8 @@ class TokenLakeCache(BasePrefixCache):
     def init_load_back(self, params: InitLoadBackParams) -> Optional[tuple[int, Any]]:
         """Bring in the remote run ``match_prefix`` promised (see Transfers.load_back).
 
-        All or nothing: on any failure nothing is committed and the request
-        recomputes those tokens.
+        All or nothing: on a failure nothing is committed and the request recomputes
+        those tokens, or (None) waits for a later round when segments were gone.
         """
         req = params.req
         device_node = req.last_node if req is not None else self.root_node
