@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
+from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, Balancer
 from sglang_tokenlake.dispatch import Mode
 from sglang_tokenlake.placement import Placement
 from sglang_tokenlake.policy import PoolPolicy
@@ -101,7 +102,7 @@ class TokenLake(Policy):
         self.costs = cfg.costs
         self._served = 0
         self._rng = random.Random(0)  # power_of_two's two samples
-        self._affinity: dict[int, int] = {}  # least_inflight: first-64-token key -> last worker
+        self._balancer = Balancer(len(self.ids), "least_load")  # least_inflight's picks
         self._router = (CacheAwareRouter(self.ids, cfg.tokenlake_router)
                         if cfg.tokenlake_executor == "cache_aware" else None)
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
@@ -187,21 +188,13 @@ class TokenLake(Policy):
         return Outcome(ex, hit, shipped, moved, transfer_s, held)
 
     def _least_inflight(self, req: Request, now: float) -> int:
-        """``bench.proxy``'s least_load: fewest requests in flight, scanning from the one
-        after the last pick; a tie goes to the worker that last served a request with the
-        same first 64 tokens (``AFFINITY_TOKENS``; the key of the block ending there)."""
-        xs, n = self.cluster.instances, len(self.ids)
-        order = [(self._rr + j) % n for j in range(n)]
-        load = [x.inflight(now) for x in xs]
-        ex = min(order, key=lambda j: load[j])
-        if req.keys:
-            first = req.keys[min(len(req.keys), max(1, 64 // self.seg)) - 1]
-            last = self._affinity.get(first)
-            if last is not None and load[last] == load[ex]:
-                ex = last
-            self._affinity[first] = ex
-        self._rr = ex + 1
-        return ex
+        """``bench.proxy``'s least_load (its ``Balancer``), on the requests in flight now; a
+        request's prefix is the key of its block that ends at ``AFFINITY_TOKENS``."""
+        b = self._balancer
+        b.inflight = self.cluster.inflights(now)
+        if not req.keys:
+            return b.pick()
+        return b.pick(req.keys[min(len(req.keys), max(1, AFFINITY_TOKENS // self.seg)) - 1])
 
     def _update(self, full, serving: dict[int, str], ex_id: str) -> int:
         """Touch served copies and place new segments, deepest first; evict; return put bytes."""
