@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Transport benchmark: TokenLake broker versus the bare alternatives, in one run.
 
-1. KV page shipping: a client pulls payloads of a segment's size from a server,
-   several requests in flight. TokenLake: PeerAgent -> Broker "get" reply with a
-   raw buffer frame (msgpack header + zero-copy frames). Baseline: raw loopback
-   TCP with the same sizes and the same request/response pattern.
-   Also "gather": the broker gathers the KV from a KV pool (kvio.gather) per
-   request, as a worker serving a pull does.
+1. KV pulls: a client pulls payloads of a segment's size from a server, several
+   requests in flight. TokenLake's pull path: PeerAgent ``request(bulk=True)``
+   over the owner's KV stream (transport/stream.py: plain TCP, the reply read on
+   the requesting thread), as a pool without CURVE pulls. Also the ZeroMQ path
+   (PeerAgent -> Broker "get": a pool with CURVE, or before the stream is known).
+   Baseline: raw loopback TCP with the same sizes and the same request/response
+   pattern, one request at a time. "gather": the server gathers the KV from a KV
+   pool (kvio.gather) per request, as a worker serving a pull does.
 2. RPC round trip: a small request and its reply, p50/p99. TokenLake: Client ->
    Broker "ping" (the CLI's path), PeerAgent -> Broker "ping" (the pool's path
    between workers for heartbeats, pulls and leases: the caller hands the request
@@ -83,6 +85,7 @@ def _broker_server(port_q: mp.Queue, sizes: list[int], gather_layout: tuple | No
     import numpy as np
 
     from sglang_tokenlake.transport.broker import Broker
+    from sglang_tokenlake.transport.stream import StreamServer
 
     payloads = {s: np.zeros(s, dtype=np.uint8) for s in sizes}
     kv = None
@@ -115,7 +118,8 @@ def _broker_server(port_q: mp.Queue, sizes: list[int], gather_layout: tuple | No
 
     b = Broker("tcp://127.0.0.1:0", {"get": get, "ping": lambda r: r.reply("pong")})
     ep = b.start()
-    port_q.put(ep)
+    stream = StreamServer("127.0.0.1", {"get": get})
+    port_q.put((ep, stream.start()))
     while True:
         time.sleep(3600)
 
@@ -161,7 +165,9 @@ def _warm_up(agent, header: dict) -> None:
             time.sleep(0.05)
 
 
-def bench_broker(endpoint: str, size: int, n: int, inflight: int, gather_tokens: int = 0) -> float:
+def bench_pull(endpoint: str, size: int, n: int, inflight: int, gather_tokens: int = 0,
+               stream_port: int | None = None) -> float:
+    """Bytes per second pulled: over the KV stream at ``stream_port``, else over ZeroMQ."""
     from sglang_tokenlake.transport.peers import PeerAgent
 
     agent = PeerAgent(heartbeat_interval=10.0)
@@ -171,17 +177,24 @@ def bench_broker(endpoint: str, size: int, n: int, inflight: int, gather_tokens:
     if gather_tokens:
         header.update(gather=True, tokens=gather_tokens)
     _warm_up(agent, header)
+    bulk = stream_port is not None
+    if bulk:
+        agent.set_stream("srv", stream_port)
+        agent.request("srv", "get", header, timeout=10, bulk=True).result(15)
     t0 = time.perf_counter()
     pending = []
     got = 0
     for _ in range(n):
-        pending.append(agent.request("srv", "get", header, timeout=60))
+        pending.append(agent.request("srv", "get", header, timeout=60, bulk=bulk))
         if len(pending) >= inflight:
             got += pending.pop(0).result(60).buffers[0].nbytes
     for f in pending:
         got += f.result(60).buffers[0].nbytes
     dt = time.perf_counter() - t0
+    went = agent.counters["stream_replies"]
     agent.close()
+    if bulk and went < n + 1:
+        raise RuntimeError(f"only {went} of {n + 1} pulls took the KV stream")
     return got / dt
 
 
@@ -251,9 +264,9 @@ def main() -> int:
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     sizes = [256 * 1024, 1 * MiB, 4 * MiB, 16 * MiB]
-    reps = {256 * 1024: 400, MiB: 200, 4 * MiB: 60, 16 * MiB: 20}
-    if a.quick:
-        reps = {k: max(5, v // 10) for k, v in reps.items()}
+    # Requests per path per round: 64 MiB of payload (long enough that a connection's
+    # warm-up is noise), at least 4.
+    per_round = {s: max(4, (64 * MiB) // s // (8 if a.quick else 1)) for s in sizes}
     ctx = mp.get_context("spawn")
     procs = []
     # gather layout: 32 layers x 8 kv heads x 128 dim, bf16 -> 128 KiB per token
@@ -266,31 +279,36 @@ def main() -> int:
         pr.start()
         procs.append(pr)
         addrs.append(q.get(timeout=120))
-    tcp_port, broker_ep, rep_port = addrs
+    tcp_port, (broker_ep, stream_port), rep_port = addrs
     rows = []
-    print(f"{'payload':>10} {'raw TCP GB/s':>13} {'broker GB/s':>12} {'ratio':>6} "
-          f"{'broker+gather GB/s':>19} {'ratio':>6}")
+    print(f"{'payload':>10} {'raw TCP GB/s':>13} {'pull GB/s':>10} {'ratio':>6} "
+          f"{'pull+gather':>12} {'ratio':>6} {'ZeroMQ GB/s':>12} {'ratio':>6}")
     for size in sizes:
         # Interleaved rounds, medians: loopback speed drifts on a shared machine, and each
         # round's ratio compares paths measured moments apart.
-        n = max(1, reps[size] // ROUNDS)
+        n = per_round[size]
         tokens = size // (32 * 8 * 256 * 2)
-        tcps, brks, gats = [], [], []
+        tcps, pulls, gats, brks = [], [], [], []
         for _ in range(ROUNDS):
             tcps.append(bench_tcp(tcp_port, size, n))
-            brks.append(bench_broker(broker_ep, size, n, a.inflight))
+            pulls.append(bench_pull(broker_ep, size, n, a.inflight, stream_port=stream_port))
             if tokens:
-                gats.append(bench_broker(broker_ep, size, n, a.inflight, gather_tokens=tokens))
-        tcp, brk = statistics.median(tcps), statistics.median(brks)
+                gats.append(bench_pull(broker_ep, size, n, a.inflight, gather_tokens=tokens,
+                                       stream_port=stream_port))
+            brks.append(bench_pull(broker_ep, size, n, a.inflight))
+        tcp, pull, brk = (statistics.median(x) for x in (tcps, pulls, brks))
         gat = statistics.median(gats) if gats else None
-        ratio = statistics.median(b / t for b, t in zip(brks, tcps))
-        rows.append({"payload_bytes": size, "raw_tcp_gbps": tcp / 1e9, "broker_gbps": brk / 1e9,
-                     "ratio": ratio, "ratio_min": min(b / t for b, t in zip(brks, tcps)),
-                     "ratio_max": max(b / t for b, t in zip(brks, tcps)),
-                     "broker_gather_gbps": None if gat is None else gat / 1e9,
-                     "gather_tokens": tokens})
-        gs = f"{gat / 1e9:>19.2f} {gat / tcp:>6.2f}" if gat else f"{'-':>19} {'-':>6}"
-        print(f"{size // 1024:>8}Ki {tcp / 1e9:>13.2f} {brk / 1e9:>12.2f} {ratio:>6.2f} {gs}")
+        ratios = [p / t for p, t in zip(pulls, tcps)]
+        rows.append({"payload_bytes": size, "raw_tcp_gbps": tcp / 1e9, "pull_gbps": pull / 1e9,
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios),
+                     "pull_gather_gbps": None if gat is None else gat / 1e9,
+                     "gather_tokens": tokens, "zmq_gbps": brk / 1e9,
+                     "zmq_ratio": statistics.median(b / t for b, t in zip(brks, tcps))})
+        r = rows[-1]
+        gs = f"{gat / 1e9:>12.2f} {gat / tcp:>6.2f}" if gat else f"{'-':>12} {'-':>6}"
+        print(f"{size // 1024:>8}Ki {tcp / 1e9:>13.2f} {pull / 1e9:>10.2f} {r['ratio']:>6.2f} {gs} "
+              f"{brk / 1e9:>12.2f} {r['zmq_ratio']:>6.2f}")
     n_rtt = 500 if a.quick else 3000
     # Interleaved rounds: the machine's drift falls on every path alike.
     rb, ra, rd, rz = [], [], [], []

@@ -81,6 +81,14 @@ class TokenLakeConfig:
         "Seconds a request waits for KV pulled from other workers before it recomputes "
         "those tokens instead.",
     )
+    kv_stream: bool = _f(
+        True,
+        "Serve and fetch pulled KV over a plain TCP connection per peer (its port "
+        "travels with heartbeats; any free port on --tokenlake-host), read by the thread "
+        "that asked, instead of through the ZeroMQ broker: several times faster for "
+        "segment-sized transfers. Only without --tokenlake-curve-dir: a pool with CURVE "
+        "keeps all traffic on its encrypted broker.",
+    )
     transient_copies: bool = _f(
         True,
         "Keep copies of segments whose home is another worker (computed or pulled here) "

@@ -229,19 +229,27 @@ class FakeAgent:
         self.net = net
         self.self_id = self_id
         self.counters: dict[str, int] = {"sent": 0}
+        self.streams: dict[str, int] = {}  # peer -> the KV stream port its heartbeats named
 
     def connect(self, peer: str, endpoint: str) -> None:
         pass
+
+    def set_stream(self, peer: str, port: Optional[int]) -> None:
+        if port is None:
+            self.streams.pop(peer, None)
+        else:
+            self.streams[peer] = port
 
     def close(self) -> None:
         pass
 
     def request(self, peer: str, kind: str, header: Optional[dict[str, Any]] = None,
                 buffers: Sequence[Any] = (), *, timeout: float = 5.0,
-                direct: bool = False) -> Future:
+                direct: bool = False, bulk: bool = False) -> Future:
         fut: Future = Future()
         self.counters["sent"] += 1
         self.counters["direct_sent"] = self.counters.get("direct_sent", 0) + int(direct)
+        self.counters["bulk_sent"] = self.counters.get("bulk_sent", 0) + int(bulk)
         h = copy.deepcopy(header or {})
         target = self.net.links.get(peer)
         if (target is None or peer in self.net.down or self.self_id in self.net.down

@@ -38,7 +38,9 @@ def test_authenticated_pool_shares_segments(pair, keys):
     generate(a.url, doc + [1], 4)
     out = generate(b.url, doc + [2], 4)
     assert out["meta_info"]["cached_tokens"] == 288
-    assert fetch_status(b.broker_addr, curve_dir=keys)["pool"]["counters"]["pulled_segments"] > 0
+    counters = fetch_status(b.broker_addr, curve_dir=keys)["pool"]["counters"]
+    assert counters["pulled_segments"] > 0
+    assert counters["agent_stream_sent"] == 0  # with CURVE every pull stays on the broker
 
 
 def test_unauthenticated_peer_gets_nothing(pair, keys, tmp_path):

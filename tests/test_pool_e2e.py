@@ -42,6 +42,8 @@ def test_prefix_computed_on_one_worker_is_a_hit_on_another(cluster):
     st = fetch_status(b.broker_addr)
     assert st["pool"]["counters"]["pulled_segments"] > 0
     assert st["pool"]["counters"]["pulled_bytes"] > 0
+    # Pulled over the KV stream, not the broker (no CURVE here).
+    assert st["pool"]["counters"]["agent_stream_bytes_received"] >= st["pool"]["counters"]["pulled_bytes"]
 
 
 def test_the_pool_holds_each_segment_once(cluster):

@@ -288,12 +288,13 @@ class _SlowAttends:
     def __getattr__(self, name):
         return getattr(self.agent, name)
 
-    def request(self, peer, kind, header=None, buffers=(), *, timeout=5.0, direct=False):
+    def request(self, peer, kind, header=None, buffers=(), *, timeout=5.0, direct=False,
+                bulk=False):
         # Answered on a timer thread, so through the agent whatever ``direct`` asks.
         import threading
         from concurrent.futures import Future
 
-        inner = self.agent.request(peer, kind, header, buffers, timeout=timeout)
+        inner = self.agent.request(peer, kind, header, buffers, timeout=timeout, bulk=bulk)
         if kind != "attend":
             return inner
         late: Future = Future()

@@ -23,6 +23,7 @@ from sglang_tokenlake.pool.limits import (
     SYNC_PAGE_RECORDS,
     JobGate,
     check_keys,
+    int_list,
 )
 from sglang_tokenlake.pool.surfaces import CacheHost
 from sglang_tokenlake.pool.sync import Pull, SnapshotStore, snapshot, valid_request
@@ -331,10 +332,6 @@ def chain_conflicts(tree: Any, keys: list[int]) -> bool:
             return True
         parent = n
     return False
-
-
-def int_list(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
 def chains_error(chains: Any) -> Optional[str]:

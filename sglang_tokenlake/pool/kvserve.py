@@ -19,16 +19,20 @@ import torch
 from sglang_tokenlake import kvio
 from sglang_tokenlake.counters import Counters
 from sglang_tokenlake.pool.identity import put_key_mismatch
-from sglang_tokenlake.pool.index import IndexSync, chain_conflicts, int_list
-from sglang_tokenlake.pool.limits import MAX_PENDING_PUT_BYTES, JobGate, check_keys
+from sglang_tokenlake.pool.index import IndexSync, chain_conflicts
+from sglang_tokenlake.pool.limits import MAX_PENDING_PUT_BYTES, JobGate, check_keys, int_list
 from sglang_tokenlake.pool.surfaces import CacheHost
 from sglang_tokenlake.transport.broker import Request
 
 
 def wire_tensor(buf: memoryview) -> torch.Tensor:
-    """An aligned, writable uint8 tensor copy of a received buffer."""
+    """A received buffer as an aligned, writable uint8 tensor: the buffer itself when it
+    is both (the KV stream's), else a copy (ZeroMQ's frames are read-only)."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    if arr.flags.writeable and arr.ctypes.data % 16 == 0:
+        return torch.from_numpy(arr)
     out = torch.empty(buf.nbytes, dtype=torch.uint8)
-    out.numpy()[:] = np.frombuffer(buf, dtype=np.uint8)
+    out.numpy()[:] = arr
     return out
 
 

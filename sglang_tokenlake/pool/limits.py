@@ -52,6 +52,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from sglang_tokenlake.counters import Counters
+from sglang_tokenlake.hotness import HotView
 from sglang_tokenlake.transport.frames import MAX_HEADER_BYTES
 
 MAX_MESSAGE_KEYS = 1 << 16
@@ -156,3 +157,24 @@ class JobGate:
 
         self._submit(job)
         return True
+
+
+def int_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def beacon_of(h: dict[str, Any], max_keys: int) -> Optional[dict[str, Any]]:
+    """A peer's heartbeat fields, validated (None when absent or malformed). ``kv_port``:
+    its KV stream's port, None when it has none (or names no valid port)."""
+    hot, observed, requests = h.get("hot"), h.get("observed"), h.get("requests")
+    horizon, load, port = h.get("horizon"), h.get("load"), h.get("kv_port")
+    if not (isinstance(hot, list) and len(hot) == 2 and int_list(hot[0]) and int_list(hot[1])
+            and len(hot[0]) == len(hot[1]) <= max_keys):
+        return None
+    if not (isinstance(observed, int) and isinstance(requests, int) and observed >= 0
+            and requests >= 0 and isinstance(horizon, (int, float)) and isinstance(load, (int, float))):
+        return None
+    view: HotView = (dict(zip(hot[0], hot[1])), observed)
+    valid_port = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+    return {"horizon": float(horizon), "load": max(0.0, float(load)), "requests": requests,
+            "hot_view": view, "kv_port": port if valid_port else None}

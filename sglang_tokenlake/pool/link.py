@@ -9,7 +9,7 @@ Threads and what they may touch::
 Messages (see transport/frames.py for the wire format)::
 
     hello     membership heartbeat; carries the sender's capacity, eviction horizon,
-              backlog and heavy hitters; the reply carries the same of the receiver
+              backlog, heavy hitters and KV stream port; the reply the receiver's
     announce  "I hold these segments" (designated copies only), by key chain   (index.py)
     evicted   "I no longer hold these segments"                                (index.py)
     sync      "send me your whole index": the answer replaces what we knew of you
@@ -50,8 +50,8 @@ from sglang_tokenlake.membership import Membership, MembershipEvents
 from sglang_tokenlake.policy import PoolPolicy
 from sglang_tokenlake.pool.calibration import Calibration
 from sglang_tokenlake.pool.identity import Identities
-from sglang_tokenlake.pool.index import IndexSync, int_list
-from sglang_tokenlake.pool.limits import hello_members, valid_member_id
+from sglang_tokenlake.pool.index import IndexSync
+from sglang_tokenlake.pool.limits import beacon_of, hello_members, valid_member_id
 from sglang_tokenlake.pool.remote import RemoteAttention
 from sglang_tokenlake.pool.surfaces import CacheHost
 from sglang_tokenlake.pool.transfers import Transfers
@@ -112,6 +112,7 @@ class PoolLink:
         self._beacon: dict[str, Any] = {"horizon": math.inf, "load": 0.0, "hot": [[], []],
                                         "observed": 0, "requests": 0}
         self._peer_state: dict[str, dict[str, Any]] = {}  # peer -> its last beacon
+        self.kv_port = 0  # this worker's KV stream (transport/stream.py); 0: none
         self._requests = 0  # requests observed here
         self._planned_at = 0  # pool-wide requests at the last replica plan
         self._next_beacon = 0.0
@@ -357,6 +358,7 @@ class PoolLink:
 
     def on_membership(self, ev: MembershipEvents) -> None:
         for peer in ev.left + ev.restarted:
+            self.agent.set_stream(peer, None)  # until its next heartbeat names its port
             self.remote.leases.drop_peer(peer)
             self._peer_state.pop(peer, None)
             self.calibration.forget(peer)
@@ -375,7 +377,7 @@ class PoolLink:
     def hello_header(self) -> dict[str, Any]:
         return {"from": self.self_id, "capacity": int(self.host.capacity_tokens()),
                 "boot": self.boot, "layout": self.layout.fingerprint, "seq": self.index.seq,
-                "members": list(self.membership.alive()), **self._beacon}
+                "members": list(self.membership.alive()), "kv_port": self.kv_port, **self._beacon}
 
     def _tick(self) -> None:
         header = self.hello_header()
@@ -405,9 +407,10 @@ class PoolLink:
             self.counters.add("refused_hello")
             logger.error("TokenLake: refusing %s", e)
             return
-        state = _beacon_of(h, self.hot.k)
+        state = beacon_of(h, self.hot.k)
         if state is not None:
             self._peer_state[peer] = state
+            self.agent.set_stream(peer, state["kv_port"])
         members = hello_members(h.get("members"), self.counters)
         known = set(self.membership.known())
         for m in members:
@@ -427,6 +430,10 @@ class PoolLink:
         return self.identities.guard({  # with CURVE: 'from' must match the key
             "hello": self._on_hello, "get": self.server.on_get, "put": self.server.on_put,
             **self.remote.handlers(self.known_sender), **self.index.handlers()})
+
+    def stream_handlers(self) -> dict[str, Callable[[Request], None]]:
+        """What the KV stream serves (transport/stream.py): pulls."""
+        return self.identities.guard({"get": self.server.on_get})
 
     def known_sender(self, req: Request) -> Optional[str]:
         peer = req.msg.header.get("from")
@@ -482,17 +489,3 @@ class PoolLink:
     def close(self) -> None:
         self.agent.close()
 
-
-def _beacon_of(h: dict[str, Any], max_keys: int) -> Optional[dict[str, Any]]:
-    """A peer's heartbeat fields, validated (None when absent or malformed)."""
-    hot, observed, requests = h.get("hot"), h.get("observed"), h.get("requests")
-    horizon, load = h.get("horizon"), h.get("load")
-    if not (isinstance(hot, list) and len(hot) == 2 and int_list(hot[0]) and int_list(hot[1])
-            and len(hot[0]) == len(hot[1]) <= max_keys):
-        return None
-    if not (isinstance(observed, int) and isinstance(requests, int) and observed >= 0
-            and requests >= 0 and isinstance(horizon, (int, float)) and isinstance(load, (int, float))):
-        return None
-    view: HotView = (dict(zip(hot[0], hot[1])), observed)
-    return {"horizon": float(horizon), "load": max(0.0, float(load)), "requests": requests,
-            "hot_view": view}

@@ -24,15 +24,16 @@ from sglang_tokenlake.dispatch import Assignment, Mode, ModelShape
 from sglang_tokenlake.placement import homes
 from sglang_tokenlake.policy import PoolPolicy
 from sglang_tokenlake.pool.calibration import Calibration
-from sglang_tokenlake.pool.index import IndexSync, int_list
+from sglang_tokenlake.pool.index import IndexSync
 from sglang_tokenlake.pool.kvserve import SegmentServer, wire_tensor
 from sglang_tokenlake.pool.leases import token_digest
-from sglang_tokenlake.pool.limits import max_frame_bytes
+from sglang_tokenlake.pool.limits import int_list, max_frame_bytes
 from sglang_tokenlake.pool.requests import RequestTable
 from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.segments import segment_bytes
 from sglang_tokenlake.transport.broker import Request
 from sglang_tokenlake.transport.peers import PeerAgent
+from sglang_tokenlake.transport.stream import MAX_REPLY_BYTES
 from sglang_tokenlake.tree import SegmentNode
 
 if TYPE_CHECKING:
@@ -366,17 +367,21 @@ class Transfers:
                 continue
             by_owner[owner].append(node.key)
         now = time.monotonic()
-        for owner, ks in by_owner.items():
-            fut = self.agent.request(owner, "get", {"from": self.self_id, "keys": ks},
-                                     timeout=self.config.pull_timeout)
-            fut.add_done_callback(lambda f, o=owner, t0=now: self._timed(f, o, t0))
-            for i, k in enumerate(ks):
-                self._pulls[k] = (fut, i, now, owner)
-            self.counters.add("get_requests")
+        per_get = max(1, MAX_REPLY_BYTES // self.seg_bytes)
+        for owner, owned in by_owner.items():
+            for at in range(0, len(owned), per_get):
+                ks = owned[at : at + per_get]
+                fut = self.agent.request(owner, "get", {"from": self.self_id, "keys": ks},
+                                         timeout=self.config.pull_timeout, bulk=True)
+                fut.add_done_callback(lambda f, o=owner, t0=now: self._timed(f, o, t0))
+                for i, k in enumerate(ks):
+                    self._pulls[k] = (fut, i, now, owner)
+                self.counters.add("get_requests")
 
     def _timed(self, fut: Future, owner: str, t0: float) -> None:
-        """A pull's reply arrived (agent thread): measure the link with it."""
-        if fut.exception() is None:
+        """A pull's reply arrived: measure the link with it, unless it had arrived before
+        anyone read it (a KV stream reply read late: its time is not the link's)."""
+        if fut.exception() is None and getattr(fut, "waited", True):
             nbytes = sum(b.nbytes for b in fut.result().buffers)
             self.calibration.observe_transfer(owner, nbytes, time.monotonic() - t0)
 
@@ -456,6 +461,6 @@ class Transfers:
         self.expire_pulls(now)
 
     def expire_pulls(self, now: float) -> None:
-        for k, (fut, _, t0, _) in list(self._pulls.items()):
-            if fut.done() and now - t0 > 30.0:
-                del self._pulls[k]  # prefetched but never used
+        for k, (_, _, t0, _) in list(self._pulls.items()):
+            if now - t0 > 30.0:
+                del self._pulls[k]  # prefetched but never used (its reply may be unread)

@@ -96,6 +96,18 @@ def start_service(cache: Any, config: Any, server_args: Any) -> Broker:
             "Choose a free port with --tokenlake-port."
         ) from e
     atexit.register(broker.close)
+    if pool is not None and keys is None and config.kv_stream:
+        from sglang_tokenlake.transport.stream import StreamServer
+
+        stream = StreamServer(config.host, pool.stream_handlers(), name=f"tokenlake-stream-{port}")
+        try:
+            pool.kv_port = stream.start()
+        except OSError as e:  # pulls from this worker take the broker instead
+            logger.warning("TokenLake: no KV stream on %s (%s); peers pull over the broker",
+                           config.host, e)
+        else:
+            atexit.register(stream.close)
+            logger.info("TokenLake KV stream on %s:%d", config.host, pool.kv_port)
     if pool is not None:
         atexit.register(pool.close)
     cache.broker = broker

@@ -32,6 +32,10 @@ class FrameError(ValueError):
     """A message that does not follow the wire format."""
 
 
+class PeerError(RuntimeError):
+    """The peer answered with an error message."""
+
+
 @dataclass
 class Message:
     kind: str
@@ -54,11 +58,9 @@ def encode(kind: str, req_id: int, header: dict[str, Any] | None = None,
     return [msgpack.packb(h, use_bin_type=True), *buffers]
 
 
-def decode(frames: Sequence[Any], known_kinds: frozenset[str] | None = None) -> Message:
-    """Validate and decode frames (bytes or zmq.Frame) into a Message."""
-    if not frames:
-        raise FrameError("empty message")
-    head = _bytes_of(frames[0])
+def decode_header(head: bytes, known_kinds: frozenset[str] | None = None,
+                  ) -> tuple[str, int, dict[str, Any], list[int]]:
+    """Validate a header frame: (kind, request id, the other fields, buffer sizes)."""
     if len(head) > MAX_HEADER_BYTES:
         raise FrameError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
@@ -90,6 +92,16 @@ def decode(frames: Sequence[Any], known_kinds: frozenset[str] | None = None) -> 
         raise FrameError("header has no valid buffer size list")
     if len(sizes) > MAX_BUFFERS:
         raise FrameError(f"{len(sizes)} buffers exceed {MAX_BUFFERS}")
+    for reserved in ("v", "t", "id", "b"):
+        del h[reserved]
+    return kind, req_id, h, sizes
+
+
+def decode(frames: Sequence[Any], known_kinds: frozenset[str] | None = None) -> Message:
+    """Validate and decode frames (bytes or zmq.Frame) into a Message."""
+    if not frames:
+        raise FrameError("empty message")
+    kind, req_id, h, sizes = decode_header(_bytes_of(frames[0]), known_kinds)
     if len(sizes) != len(frames) - 1:
         raise FrameError(f"header announces {len(sizes)} buffers, message has {len(frames) - 1}")
     buffers = []
@@ -98,8 +110,6 @@ def decode(frames: Sequence[Any], known_kinds: frozenset[str] | None = None) -> 
         if mv.nbytes != size:
             raise FrameError(f"buffer {i} has {mv.nbytes} bytes, header says {size}")
         buffers.append(mv)
-    for reserved in ("v", "t", "id", "b"):
-        del h[reserved]
     return Message(kind, req_id, h, buffers)
 
 

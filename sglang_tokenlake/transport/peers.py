@@ -23,7 +23,9 @@ it, with no hand-off to the agent thread either way::
     caller thread ──DEALER (its own, per peer)──▶ peer broker ──▶ back to that socket
 
 Until that socket has connected (or when it cannot exist: no CURVE key) a direct
-request takes the agent's path.
+request takes the agent's path. A ``bulk`` request (a pull) goes, like a direct
+one, from and back to its own thread, over the peer's KV stream (stream.py) when
+the peer announced one (``set_stream``) and the pool has no CURVE.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import zmq
 
-from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, decode, encode
+from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, PeerError, decode, encode
+from sglang_tokenlake.transport.stream import STREAM_COUNTERS, StreamLane
 from sglang_tokenlake.transport.wake import Waker
 
 if TYPE_CHECKING:
@@ -53,10 +56,6 @@ class BackPressure(RuntimeError):
     """Too many requests in flight; the caller should fall back (e.g. recompute)."""
 
 
-class PeerError(RuntimeError):
-    """The peer answered with an error message."""
-
-
 class PeerAgent:
     def __init__(
         self,
@@ -67,13 +66,11 @@ class PeerAgent:
         on_tick: Optional[Callable[[], None]] = None,
         max_inflight: int = 1024,
         name: str = "tokenlake-peers",
+        max_stream_bytes: int = 1 << 30,
     ) -> None:
         self.ctx = context or zmq.Context.instance()
-        self.curve = curve
-        self.heartbeat_interval = heartbeat_interval
-        self.on_tick = on_tick
-        self.max_inflight = max_inflight
-        self.name = name
+        self.curve, self.heartbeat_interval, self.on_tick = curve, heartbeat_interval, on_tick
+        self.max_inflight, self.name = max_inflight, name
         self._ids = itertools.count(1)
         self._outbox: deque = deque()
         # Its PULL socket moves to the agent thread, which alone polls it.
@@ -84,6 +81,9 @@ class PeerAgent:
         self._lanes = threading.local()
         self._lane_sockets: list[zmq.Socket] = []
         self._lane_lock = threading.Lock()
+        self._stream_ports: dict[str, int] = {}  # peer -> its KV stream's port
+        self._stream_lanes: list[StreamLane] = []
+        self.max_stream_bytes = max_stream_bytes
         self._by_socket: dict[zmq.Socket, str] = {}
         self._pending: dict[int, tuple[Future, float, str]] = {}
         self._inflight = 0
@@ -97,7 +97,7 @@ class PeerAgent:
                          # Direct requests' own counters: only their threads write them.
                          "direct_sent": 0, "direct_replies": 0, "direct_timeouts": 0,
                          "direct_bytes_sent": 0, "direct_bytes_received": 0, "direct_errors": 0,
-                         "direct_replies_wrong_peer": 0}
+                         "direct_replies_wrong_peer": 0, **dict.fromkeys(STREAM_COUNTERS, 0)}
 
     # -- life cycle ------------------------------------------------------------
 
@@ -108,7 +108,7 @@ class PeerAgent:
 
     def close(self) -> None:
         self._stop.set()
-        self._wake()
+        self._waker.wake()
         if self._thread is None:
             self._waker.close()  # never started; else the agent thread closes it on its way out
         else:
@@ -117,6 +117,8 @@ class PeerAgent:
             for sock in self._lane_sockets:
                 sock.close(linger=0)
             self._lane_sockets.clear()
+            for lane in self._stream_lanes:
+                lane.close()
 
     # -- API (any thread) --------------------------------------------------------
 
@@ -124,13 +126,20 @@ class PeerAgent:
         self._endpoints[peer] = endpoint
         self._generation[peer] = self._generation.get(peer, 0) + 1
         self._outbox.append(("connect", peer, endpoint))
-        self._wake()
+        self._waker.wake()
 
     def disconnect(self, peer: str) -> None:
         self._endpoints.pop(peer, None)
         self._generation[peer] = self._generation.get(peer, 0) + 1
         self._outbox.append(("disconnect", peer, None))
-        self._wake()
+        self._waker.wake()
+
+    def set_stream(self, peer: str, port: Optional[int]) -> None:
+        """``peer`` serves bulk requests on ``port`` of its host (None: no longer)."""
+        if port is None:
+            self._stream_ports.pop(peer, None)
+        else:
+            self._stream_ports[peer] = port
 
     def request(
         self,
@@ -141,9 +150,17 @@ class PeerAgent:
         *,
         timeout: float = 5.0,
         direct: bool = False,
+        bulk: bool = False,
     ) -> Future:
-        """Send a request; its future resolves with the reply. ``direct``: the calling
-        thread receives the reply itself, in ``result()`` (see the module docstring)."""
+        """Send a request; its future resolves with the reply. ``direct`` and ``bulk``: the
+        calling thread receives the reply itself, in ``result()`` (see the module docstring)."""
+        port = self._stream_ports.get(peer) if bulk and self.curve is None else None
+        if port is not None and not self._stop.is_set():
+            host = self._endpoints.get(peer, "").rpartition("://")[2].rpartition(":")[0]
+            got = self._stream_lane().send(peer, (host.strip("[]"), port), kind, header,
+                                           buffers, timeout)
+            if got is not None:
+                return got
         if direct and not self._stop.is_set():
             got = self._lane().send(peer, kind, header, buffers, timeout)
             if got is not None:
@@ -158,13 +175,10 @@ class PeerAgent:
         req_id = next(self._ids)
         frames = encode(kind, req_id, header, buffers)
         self._outbox.append(("send", peer, (req_id, frames, fut, time.monotonic() + timeout)))
-        self._wake()
+        self._waker.wake()
         return fut
 
     # -- internals ------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        self._waker.wake()
 
     def _finish(self, req_id: int, result: Any = None, exc: Optional[BaseException] = None) -> None:
         entry = self._pending.pop(req_id, None)
@@ -184,6 +198,14 @@ class PeerAgent:
         lane = getattr(self._lanes, "lane", None)
         if lane is None:
             lane = self._lanes.lane = _Lane(self)
+        return lane
+
+    def _stream_lane(self) -> StreamLane:
+        lane = getattr(self._lanes, "stream", None)
+        if lane is None:
+            lane = self._lanes.stream = StreamLane(self.counters, self._ids, self.max_stream_bytes)
+            with self._lane_lock:
+                self._stream_lanes.append(lane)
         return lane
 
     def _open(self, peer: str, endpoint: str) -> None:
