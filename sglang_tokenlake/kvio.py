@@ -56,15 +56,19 @@ def layout_of(kvcache: Any) -> KVLayout:
 
 
 def gather(kvcache: Any, slots: torch.Tensor) -> torch.Tensor:
-    """KV of ``slots`` (int64, n) as a contiguous CPU uint8 tensor (see module doc)."""
-    idx = slots.to(device=kvcache.k_buffer[0].device, dtype=torch.int64)
-    ks = torch.stack([kb.index_select(0, idx) for kb in kvcache.k_buffer])
-    vs = torch.stack([vb.index_select(0, idx) for vb in kvcache.v_buffer])
-    if ks.shape[-1] == vs.shape[-1]:
-        out = torch.stack([ks, vs])
-    else:
-        out = torch.cat([ks.flatten(), vs.flatten()])
-    return out.contiguous().cpu().view(torch.uint8).flatten()
+    """KV of ``slots`` (int64, n) as a contiguous CPU uint8 tensor (see module doc):
+    each layer's rows are selected straight into their place in the buffer."""
+    k0, v0 = kvcache.k_buffer[0], kvcache.v_buffer[0]
+    idx = slots.to(device=k0.device, dtype=torch.int64)
+    n, L = idx.numel(), len(kvcache.k_buffer)
+    k_part = L * n * k0.shape[1] * k0.shape[2]
+    flat = torch.empty(k_part + L * n * v0.shape[1] * v0.shape[2], dtype=k0.dtype, device=k0.device)
+    ks = flat[:k_part].view(L, n, k0.shape[1], k0.shape[2])
+    vs = flat[k_part:].view(L, n, v0.shape[1], v0.shape[2])
+    for layer in range(L):
+        torch.index_select(kvcache.k_buffer[layer], 0, idx, out=ks[layer])
+        torch.index_select(kvcache.v_buffer[layer], 0, idx, out=vs[layer])
+    return flat.cpu().view(torch.uint8)
 
 
 def scatter(kvcache: Any, slots: torch.Tensor, data: torch.Tensor, layout: KVLayout) -> None:
