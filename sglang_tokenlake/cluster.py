@@ -6,7 +6,8 @@ starts the workers, prints their URLs and broker addresses, and stops every
 process it started on Ctrl-C. Tests, the demo and the benchmarks use the same
 ``Worker`` class, ``PoolSpec`` (ports and ``--tokenlake-peers`` of a pool) and
 ``wait_pool``. On a host without CUDA the CPU flags are added
-(``--device cpu --attention-backend torch_native ...``, see DESIGN notes).
+(``--device cpu --attention-backend torch_native_extend ...``, see DESIGN notes
+and sglang/cpu_attention.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ T = TypeVar("T")
 
 CPU_FLAGS = [
     "--device", "cpu",
-    "--attention-backend", "torch_native",
+    "--attention-backend", "torch_native_extend",  # sglang/cpu_attention.py
     "--sampling-backend", "pytorch",
     "--cuda-graph-backend-decode", "disabled",
     "--cuda-graph-backend-prefill", "disabled",

@@ -40,6 +40,7 @@ def register() -> None:
         register_radix_cache_backend(BACKEND, _tree_cache_factory)
     except ValueError:  # registered already by an earlier load in this process
         pass
+    _register_cpu_attention()
     HookRegistry.register(
         "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
     )
@@ -81,6 +82,23 @@ def register() -> None:
                               HookType.AROUND)
         HookRegistry.register(f"{cls}.forward_decode", attention_hook(True, apply_cap),
                               HookType.AROUND)
+
+
+def _register_cpu_attention() -> None:
+    """``--attention-backend torch_native_extend`` (sglang/cpu_attention.py)."""
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from sglang_tokenlake.sglang.cpu_attention import NAME
+
+    def create(runner: Any) -> Any:
+        from sglang_tokenlake.sglang.cpu_attention import ExtendOnlyAttnBackend
+
+        return ExtendOnlyAttnBackend(runner)
+
+    if NAME not in ATTENTION_BACKEND_CHOICES:
+        ATTENTION_BACKEND_CHOICES.append(NAME)
+    ATTENTION_BACKENDS[NAME] = create
 
 
 # -- CLI ------------------------------------------------------------------------
