@@ -75,7 +75,7 @@ def _unavailable(name: str):
             f"sgl_kernel.{name} is not available: this host runs the TokenLake CPU "
             f"stand-in for sgl_kernel, which provides only {', '.join(PROVIDED)}. "
             "Run on a CUDA host with the real sglang-kernel, or choose CPU-capable "
-            "options (--device cpu --attention-backend torch_native "
+            "options (--device cpu --attention-backend torch_native_extend "
             "--sampling-backend pytorch)."
         )
 
