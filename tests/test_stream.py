@@ -216,3 +216,12 @@ def test_an_unknown_kind_and_buffers_disagreeing_with_the_header_are_refused():
         assert stream.counters["malformed"] == 2 and stream.counters["received"] == 0
     finally:
         stream.close()
+
+
+def test_a_peer_without_a_known_address_is_never_dialled(served):
+    stream, _, agent = served
+    agent.set_stream("ghost", stream.port)  # a port, but no endpoint: connect() never ran
+    with pytest.raises(ConnectionError, match="unknown peer"):
+        agent.request("ghost", "get", {"i": 1}, bulk=True).result(5)
+    assert agent.counters["stream_connects"] == agent.counters["stream_connect_failures"] == 0
+    assert stream.counters["connections"] == 0

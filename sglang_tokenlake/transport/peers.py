@@ -156,9 +156,9 @@ class PeerAgent:
         calling thread receives the reply itself, in ``result()`` (see the module docstring)."""
         port = self._stream_ports.get(peer) if bulk and self.curve is None else None
         if port is not None and not self._stop.is_set():
-            host = self._endpoints.get(peer, "").rpartition("://")[2].rpartition(":")[0]
-            got = self._stream_lane().send(peer, (host.strip("[]"), port), kind, header,
-                                           buffers, timeout)
+            host = self._endpoints.get(peer, "").rpartition("://")[2].rpartition(":")[0].strip("[]")
+            got = (self._stream_lane().send(peer, (host, port), kind, header, buffers, timeout)
+                   if host else None)
             if got is not None:
                 return got
         if direct and not self._stop.is_set():
