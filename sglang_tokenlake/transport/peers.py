@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import zmq
 
 from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, PeerError, decode, encode
-from sglang_tokenlake.transport.stream import STREAM_COUNTERS, StreamLane
+from sglang_tokenlake.transport.stream import STREAM_COUNTERS, ReadOnWaitFuture, StreamLane
 from sglang_tokenlake.transport.wake import Waker
 
 if TYPE_CHECKING:
@@ -361,25 +361,8 @@ def _outcome(msg: Message) -> tuple[Any, Optional[BaseException]]:
     return msg, None
 
 
-class DirectFuture(Future):
-    """The reply to a direct request: ``result()``, on the requesting thread, reads that
-    thread's sockets until the reply is there (or the request's timeout passes)."""
-
-    def __init__(self, lane: _Lane, req_id: int, deadline: float) -> None:
-        super().__init__()
-        self._lane = lane
-        self.req_id = req_id
-        self.deadline = deadline
-
-    def result(self, timeout: Optional[float] = None) -> Any:
-        if not self.done():
-            self._lane.wait(self, timeout)
-        return super().result(0)
-
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
-        if not self.done():
-            self._lane.wait(self, timeout)
-        return super().exception(0)
+class DirectFuture(ReadOnWaitFuture):
+    """The reply to a direct request: read from that thread's sockets (``_Lane.wait``)."""
 
 
 class _Lane:

@@ -244,29 +244,38 @@ def _close(sock: socket.socket) -> None:
 # -- the requester's side ------------------------------------------------------------------
 
 
-class StreamFuture(Future):
-    """The reply to a bulk request: ``result()``, on the requesting thread, reads that
-    connection's replies in order until this one is there (or its timeout passes).
+class ReadOnWaitFuture(Future):
+    """A reply its requesting thread receives itself: ``result()`` and ``exception()``
+    first let ``lane.wait`` read that thread's connections until it is there (or its
+    timeout passes). The peer agent's direct requests and bulk requests both are one."""
+
+    def __init__(self, lane: Any, req_id: int, deadline: float) -> None:
+        super().__init__()
+        self.lane = lane
+        self.req_id = req_id
+        self.deadline = deadline
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if not self.done():
+            self.lane.wait(self, timeout)
+        return super().result(0)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if not self.done():
+            self.lane.wait(self, timeout)
+        return super().exception(0)
+
+
+class StreamFuture(ReadOnWaitFuture):
+    """The reply to a bulk request: read from its connection, in request order.
 
     ``waited``: the reply was not yet there when its reader began (so the time it was
     resolved is the time it arrived: a fair sample of the link's speed)."""
 
     def __init__(self, link: _Link, req_id: int, deadline: float) -> None:
-        super().__init__()
+        super().__init__(link.lane, req_id, deadline)
         self.link = link
-        self.req_id = req_id
-        self.deadline = deadline
         self.waited = False
-
-    def result(self, timeout: Optional[float] = None) -> Any:
-        if not self.done():
-            self.link.lane.wait(self, timeout)
-        return super().result(0)
-
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
-        if not self.done():
-            self.link.lane.wait(self, timeout)
-        return super().exception(0)
 
 
 class _Link:
