@@ -157,3 +157,43 @@ def test_an_unknown_executor_is_an_error():
 
     with pytest.raises(ValueError, match="tokenlake_executor"):
         SimConfig(4, 64, 64, tokenlake_executor="fastest")
+
+
+def test_the_replay_routes_with_the_runs_router_thresholds(tmp_path):
+    from sglang_tokenlake.sim.live import router_of
+    from sglang_tokenlake.sim.routing import CacheAwareConfig
+
+    assert router_of("stock-cache-aware", {}) == CacheAwareConfig()
+    assert router_of("tokenlake-cache-aware", {}) == CacheAwareConfig.pool()
+    # --router-args come after the configuration's own flags and override them
+    flags = ["--balance-abs-threshold", "64", "--balance-rel-threshold=1.5", "--log-level", "warn"]
+    assert router_of("tokenlake-cache-aware", {"router_args": flags}) == CacheAwareConfig()
+    assert router_of("stock-cache-aware", {"router_args": ["--cache-threshold", "0.5"]}) \
+        == CacheAwareConfig(cache_threshold=0.5)
+    assert router_of("tokenlake-least-load", {"router_args": flags}) == CacheAwareConfig()
+
+    run = _bench(tmp_path, ["tokenlake-cache-aware"])
+    bench = json.loads((run / "bench.json").read_text())
+    bench["meta"]["workloads"][0]["params"]["rate"] = 50.0  # several requests in flight
+    bench["summaries"][0]["rate"] = 50.0
+    (run / "bench.json").write_text(json.dumps(bench))
+    tight = compare(run)
+    bench["meta"]["settings"]["router_args"] = flags
+    (run / "bench.json").write_text(json.dumps(bench))
+    loose = compare(run)
+    assert tight[0]["router_flags"] == list(CacheAwareConfig.pool().threshold_flags())
+    assert loose[0]["router_flags"] == list(CacheAwareConfig().threshold_flags())
+    # the thresholds reach the simulated router: without the pool bound, requests stay
+    # with the worker that holds their document and detours' copies evict less
+    assert loose[0]["simulated_hit_rate"] > tight[0]["simulated_hit_rate"]
+
+
+def test_router_flags_without_a_number_are_an_error():
+    import pytest
+
+    from sglang_tokenlake.sim.routing import CacheAwareConfig
+
+    with pytest.raises(ValueError, match="balance-abs-threshold"):
+        CacheAwareConfig().with_flags(["--balance-abs-threshold"])
+    with pytest.raises(ValueError, match="not a number"):
+        CacheAwareConfig().with_flags(["--cache-threshold=high"])

@@ -15,9 +15,11 @@ policy for each measured configuration on them:
     tokenlake-least-load     -> tokenlake    (PoolPolicy; executor the proxy's least_load:
                                               fewest requests in flight, prefix ties)
 
-with each worker's cache holding ``max_total_tokens`` and compute times calibrated
-from the harness's own lone-request measurements (TTFT per prompt token, decode
-seconds per step). Memory as in SGLang: a running request holds its output and the
+The cache-aware rules take the thresholds the run's router had: 0.3.2's defaults,
+then the configuration's own flags (the pool bounds for ``tokenlake-cache-aware``),
+then the run's ``--router-args``. Each worker's cache holds ``max_total_tokens``;
+compute times are calibrated from the harness's own lone-request measurements (TTFT
+per prompt token, decode seconds per step). Memory as in SGLang: a running request holds its output and the
 part of its prompt outside its worker's cache (``SimConfig.shared_prefix_kv``); a
 prefix is usable once the prefill that computes it has finished, and a request's hit
 is decided when it starts (``SimConfig.prefill_visibility``). It prints the
@@ -44,6 +46,7 @@ from sglang_tokenlake.segments import request_namespace, segment_keys
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import simulate
 from sglang_tokenlake.sim.model import SimConfig
+from sglang_tokenlake.sim.routing import CacheAwareConfig
 from sglang_tokenlake.sim.workloads import Request, Workload
 
 POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
@@ -104,6 +107,17 @@ def policy_of(settings: dict[str, Any]) -> PolicyConfig:
     return TokenLakeConfig.from_cli_args(args).policy()
 
 
+def router_of(config: str, settings: dict[str, Any]) -> CacheAwareConfig:
+    """The cache-aware rule in front of ``config`` in the run: sglang-router 0.3.2's
+    defaults, then the configuration's own front-end flags, then the run's
+    ``--router-args`` (as the harness passes them to the router)."""
+    from sglang_tokenlake.bench.runner import CONFIGS
+
+    cfg = CONFIGS[config]
+    flags = [*cfg.frontend_args, *(settings.get("router_args") or [])]
+    return CacheAwareConfig().with_flags(flags if cfg.frontend.startswith("router") else [])
+
+
 def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeModel:
     """Compute constants from the harness's lone-request samples (cache misses)."""
     per_token, per_step = [], []
@@ -148,9 +162,16 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
                 continue
             pol = POLICY_OF[s["config"]]
             ex = EXECUTOR_OF.get(s["config"], SimConfig.tokenlake_executor)
-            if (pol, ex) not in sims:
-                sims[(pol, ex)] = simulate(workload, pol, replace(cfg, tokenlake_executor=ex))
-            res = sims[(pol, ex)]
+            router = router_of(s["config"], settings)
+            key = (pol, ex, router if pol == "cache_aware" or ex == "cache_aware" else None)
+            if key not in sims:
+                run_cfg = replace(cfg, tokenlake_executor=ex)
+                if pol == "cache_aware":
+                    run_cfg = replace(run_cfg, router=router)
+                elif ex == "cache_aware":
+                    run_cfg = replace(run_cfg, tokenlake_router=router)
+                sims[key] = simulate(workload, pol, run_cfg)
+            res = sims[key]
             sim_hit = res.hit_rate
             rows.append({
                 "workload": name, "rate": s["rate"], "config": s["config"], "policy": pol,
@@ -158,6 +179,7 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
                 "hit_rate_diff": round(sim_hit - s["hit_rate"], 4),
                 "measured_load_cv": round(s["load_cv_requests"], 4),
                 "simulated_load_cv": round(_cv([float(x) for x in res.served]), 4),
+                **({"router_flags": list(router.threshold_flags())} if key[2] else {}),
             })
     return rows
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple, Optional
 
 ROOT = 0
@@ -91,6 +91,30 @@ class CacheAwareConfig:
         keeps its hit in the pool, so locality need not be paid for with the skew that
         the defaults (64 requests) allow a per-worker cache."""
         return cls(balance_abs_threshold=2, balance_rel_threshold=1.0)
+
+    def with_flags(self, flags: Sequence[str]) -> CacheAwareConfig:
+        """This config with the thresholds that ``sglang_router.launch_router`` ``flags``
+        set (``--flag VALUE`` or ``--flag=VALUE``; the last one wins, as in the router);
+        other flags are ignored."""
+        fields = {"--cache-threshold": ("cache_threshold", float),
+                  "--balance-abs-threshold": ("balance_abs_threshold", int),
+                  "--balance-rel-threshold": ("balance_rel_threshold", float)}
+        got: dict[str, float] = {}
+        flags = [str(f) for f in flags]
+        for i, f in enumerate(flags):
+            name, eq, value = f.partition("=")
+            if name not in fields:
+                continue
+            if not eq:
+                if i + 1 >= len(flags):
+                    raise ValueError(f"router flag {name} has no value")
+                value = flags[i + 1]
+            attr, kind = fields[name]
+            try:
+                got[attr] = kind(value)
+            except ValueError:
+                raise ValueError(f"router flag {name}: {value!r} is not a number") from None
+        return replace(self, **got)
 
     def threshold_flags(self) -> tuple[str, ...]:
         """This config's thresholds as ``sglang_router.launch_router`` flags."""
