@@ -171,6 +171,14 @@ class TokenLakeConfig:
         "Keep the last copy in the pool of a segment whose children are cached somewhere "
         "(evict another segment first): a prefix is usable only from its root.",
     )
+    spill_margin: float = _f(
+        _POLICY.spill_margin,
+        "A worker about to evict the pool's last copy of a segment sends it to the worker "
+        "whose least recently used data is older than this many times the segment's age "
+        "(the oldest such, by the eviction horizons announced with heartbeats), which "
+        "evicts that older data instead: the pool then drops its least recently used "
+        "segments, not each worker its own. 0 turns it off.",
+    )
     eviction: str = _f(
         _POLICY.eviction,
         "Order in which a worker evicts its cached segments (always leaves first): lru "
@@ -304,7 +312,7 @@ class TokenLakeConfig:
             replica_budget=self.replica_budget, hot_window=self.hot_window, hot_k=self.hot_k,
             replan_every=self.replan_every, placement_choices=self.placement_choices,
             pool_leaf_first=self.pool_leaf_first, eviction=self.eviction,
-            placement=self.placement,
+            placement=self.placement, spill_margin=self.spill_margin,
         )
 
     def peer_list(self) -> list[str]:

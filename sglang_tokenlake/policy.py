@@ -18,7 +18,10 @@ pool-wide hotness view, where every segment is held, owner loads):
   (``ReplicaPlanner`` under ``replica_budget`` of the pool's capacity).
 - **eviction**: the pool-wide leaf-first rule (``keep_last_copy``): the last
   copy of a segment whose children are cached somewhere is passed over; a
-  prefix is usable only from the root, so dropping it would strand them.
+  prefix is usable only from the root, so dropping it would strand them. A
+  last copy a member evicts moves to the member whose oldest data is much older
+  (``spill_to``), so that the pool as a whole drops its least recently used
+  segments rather than each member its own.
 - **dispatch**: per request, the replica and the mode of each cached segment
   (``dispatch.plan``: balanced replica choice, then ship / pull / recompute).
 
@@ -70,6 +73,10 @@ class PolicyConfig:
     ``aware`` (recency, reuse frequency and depth; see ``eviction``)."""
     aware: AwareParams = AwareParams()
     """Weights of the ``aware`` score."""
+    spill_margin: float = 2.0
+    """A member about to evict the pool's last copy of a segment hands it to the member
+    with the largest eviction horizon when that horizon is more than ``spill_margin``
+    times the segment's age (how long ago it was last used); 0 never hands one over."""
 
     def __post_init__(self) -> None:
         check_eviction(self.eviction)
@@ -82,6 +89,8 @@ class PolicyConfig:
             raise ValueError("hot_window must be >= 16 and hot_k >= 2")
         if self.replan_every < 1 or self.placement_choices < 1:
             raise ValueError("replan_every and placement_choices must be >= 1")
+        if not self.spill_margin == 0 and not self.spill_margin >= 1:
+            raise ValueError(f"spill_margin must be 0 (off) or >= 1, got {self.spill_margin}")
 
     def heavy_hitters(self) -> HeavyHitters:
         """A fresh heavy-hitter estimate with these parameters."""
@@ -212,6 +221,18 @@ class PoolPolicy:
         """Pool-wide leaf-first: pass over this copy (evict another) when it is the
         segment's last copy and some child segment is cached somewhere."""
         return self.cfg.pool_leaf_first and has_cached_children and other_holders == 0
+
+    def spill_to(self, age: float, horizons: Mapping[str, float]) -> str | None:
+        """Where the last copy of a segment last used ``age`` ago goes instead of leaving
+        the pool: the member of ``horizons`` (the others, same clock) with the largest
+        horizon, when that is more than ``spill_margin`` times ``age`` (ties: smallest
+        id); else None. Each hand-over moves a segment to older data than its own, so
+        a chain of them ends."""
+        m = self.cfg.spill_margin
+        if m <= 0 or not horizons:
+            return None
+        best = min(horizons, key=lambda w: (-horizons[w], w))
+        return best if horizons[best] > m * max(age, 0.0) else None
 
     # -- dispatch --------------------------------------------------------------------
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.tree import SegmentNode
 
 
 @dataclass
@@ -21,9 +26,19 @@ class CacheStats:
     inserted_segments: int = 0
     duplicate_segments: int = 0
     evicted_segments: int = 0
+    evicted_transient_segments: int = 0  # of those, copies of segments homed elsewhere
+    evicted_last_copies: int = 0  # of those, segments no other worker was known to hold
     pulled_tokens: int = 0
     shipped_tokens: int = 0
     pull_fallbacks: int = 0
+
+    def count_evicted(self, nodes: Iterable[SegmentNode]) -> None:
+        """Count dropped local copies: all, the transient ones, and the pool's last
+        copies (no other worker known to hold the segment: its next use recomputes it)."""
+        for n in nodes:
+            self.evicted_segments += 1
+            self.evicted_transient_segments += not n.designated
+            self.evicted_last_copies += not n.owners
 
     @property
     def hit_rate(self) -> float:

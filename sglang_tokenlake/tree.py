@@ -290,8 +290,9 @@ class SegmentTree:
         else:
             self._evictable_leaves.discard(node)
 
-    def evict(self, num_tokens: int,
-              keep: Optional[Callable[[SegmentNode], bool]] = None) -> list[tuple[SegmentNode, Any]]:
+    def evict(self, num_tokens: int, keep: Optional[Callable[[SegmentNode], bool]] = None,
+              before_drop: Optional[Callable[[SegmentNode], None]] = None,
+              ) -> list[tuple[SegmentNode, Any]]:
         """Drop local segments, leaves first, until at least ``num_tokens`` are freed
         or nothing evictable is left.
 
@@ -300,32 +301,31 @@ class SegmentTree:
         before designated, in ``eviction`` order (``eviction.order_key``). A leaf for which ``keep``
         is true (the pool-wide leaf-first rule: the last copy of a segment whose
         children are cached elsewhere) is passed over while any other leaf can
-        go, and dropped only after all of them.
+        go, and dropped only after all of them. ``before_drop(node)`` sees each one
+        while it is still in place (value, tokens and path intact).
 
         Returns ``(node, value)`` for every dropped segment; the caller frees the
         values. A node with other owners stays in the tree as a remote entry.
         """
         out: list[tuple[SegmentNode, Any]] = []
-        freed = 0
+
+        def drop(node: SegmentNode) -> Optional[SegmentNode]:
+            parent = node.parent  # read before _drop_local may prune the node
+            if before_drop is not None:
+                before_drop(node)
+            out.append((node, self._drop_local(node)))
+            return parent
+
+        count = -(-num_tokens // self.segment_size)
         if self.local_nodes > len(self._evictable_leaves):
             spare = [n for n in self.nodes.values()
                      if n.value is not None and not n.designated and n.owners and n.lock_ref == 0]
             spare.sort(key=lambda n: (n.last_access, n.id))
-            for node in spare:
-                if freed >= num_tokens:
-                    return out
-                out.append((node, self._drop_local(node)))
-                freed += self.segment_size
+            for node in spare[:count]:
+                drop(node)
         life = self._tick - (self.oldest_access() or 0) if self.eviction == "aware" else 0.0
-
-        def drop(node: SegmentNode) -> Optional[SegmentNode]:
-            parent = node.parent  # read before _drop_local may prune the node
-            out.append((node, self._drop_local(node)))
-            return parent
-
         evict_order(self._evictable_leaves, order_key(self.eviction, life, self.aware),
-                    -(-(num_tokens - freed) // self.segment_size), self._evictable_leaves,
-                    drop, keep)
+                    count - len(out), self._evictable_leaves, drop, keep)
         return out
 
     def oldest_access(self) -> Optional[int]:

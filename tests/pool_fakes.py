@@ -132,10 +132,10 @@ class FakeHost:
     # -- what the adapter does around the pool -------------------------------------------
 
     def evict(self, tokens: int) -> list[SegmentNode]:
-        keep = self.pool.keep_copy if self.pool is not None else None
+        hooks = self.pool.eviction_hooks() if self.pool is not None else {}
         if self.pool is not None:
             self.pool.before_free(tokens)
-        dropped = self.tree.evict(tokens, keep)
+        dropped = self.tree.evict(tokens, **hooks)
         for node, (base, off) in dropped:
             self.free.extend(base[off : off + self.segment_size].tolist())
             self.evicted.append(node.key)

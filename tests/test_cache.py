@@ -304,3 +304,25 @@ def test_the_pool_reads_the_schedulers_backlog_and_running_batch():
     assert cache.running_requests() == 2 and cache.queued_tokens() == 20
     cache._scheduler = SimpleNamespace(waiting_queue=None, running_batch=None)
     assert cache.running_requests() == 0 and cache.queued_tokens() == 0
+
+
+def test_evictions_count_transient_copies_and_the_pools_last_copies():
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    cache, sched, alloc = make(capacity=256, segment_size=8)
+    r = FakeReq("a", list(range(1, 41)))  # 5 segments
+    sched.admit(r)
+    sched.finish(r)
+    nodes = cache.tree.match(*cache._key_chain(_key(list(range(1, 41)))))
+    assert len(nodes) == 5
+    nodes[4].designated = False  # a copy of a segment homed at w2, which holds it
+    nodes[4].owners.add("w2")
+    nodes[3].owners.add("w3")  # a replica: w3 holds it too
+    # the transient copy goes first, then the leaf under it, which w3 still holds
+    cache.evict(EvictParams(num_tokens=16))
+    s = cache.stats
+    assert (s.evicted_segments, s.evicted_transient_segments, s.evicted_last_copies) == (2, 1, 0)
+    cache.evict(EvictParams(num_tokens=10**9))  # the rest: the pool's only copies
+    assert (s.evicted_segments, s.evicted_transient_segments, s.evicted_last_copies) == (5, 1, 3)
+    assert alloc.available_size() == 256
+    assert cache.status()["stats"]["evicted_last_copies"] == 3

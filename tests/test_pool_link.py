@@ -142,7 +142,8 @@ def test_executor_placement_keeps_a_computed_chain_where_it_was_computed():
 
 def test_two_workers_that_computed_one_chain_at_once_agree_on_one_home():
     net = FakeNet()
-    hosts = make_pool(net, [A, B, C], placement="executor")
+    # (without spilling: A's evicted copies stay out of B, which has room for them)
+    hosts = make_pool(net, [A, B, C], placement="executor", spill_margin=0)
     net.heartbeat()
     tokens = list(range(200, 248))
     keys = hosts[A].compute(tokens)

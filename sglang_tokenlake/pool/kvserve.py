@@ -3,12 +3,14 @@
 ``get``: the KV and tokens of the requested segments this worker holds, gathered
 on the broker thread under the slot mutex; the scheduler thread then marks them
 used (``mark_served``), as a local hit would. ``put``: segments whose home is this
-worker, checked (key chain, tokens, sizes) on the broker thread and stored on
-the scheduler thread, within a bound on the KV bytes queued.
+worker, or last copies another worker spilled here (``spill.py``; stored as old as
+they were there), checked (key chain, tokens, sizes) on the broker thread and
+stored on the scheduler thread, within a bound on the KV bytes queued.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Optional
@@ -47,8 +49,10 @@ class SegmentServer:
     """
 
     def __init__(self, host: CacheHost, index: IndexSync, counters: Counters,
-                 known_sender: Callable[[Request], Optional[str]]) -> None:
+                 known_sender: Callable[[Request], Optional[str]],
+                 clock_at: Optional[Callable[[float], int]] = None) -> None:
         self.host = host
+        self.clock_at = clock_at  # tree clock some seconds ago (a put's ``age``)
         self.tree = host.tree
         self.index = index
         self.counters = counters
@@ -106,9 +110,10 @@ class SegmentServer:
         if self.known_sender(req) is None:
             return
         h, bufs = req.msg.header, req.msg.buffers
-        keys, segs, toks = h.get("keys"), h.get("segs"), h.get("tokens")
+        keys, segs, toks, age = h.get("keys"), h.get("segs"), h.get("tokens"), h.get("age")
         ok = (
-            check_keys(keys) is None and int_list(segs) and len(set(segs)) == len(segs)
+            (age is None or (isinstance(age, (int, float)) and 0 <= age < math.inf))
+            and check_keys(keys) is None and int_list(segs) and len(set(segs)) == len(segs)
             and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
             and all(0 <= i < len(keys) for i in segs)
             and all(isinstance(t, bytes) and len(t) == self.S * 8 for t in toks)
@@ -116,7 +121,8 @@ class SegmentServer:
         )
         if not ok:
             self.counters.add("malformed")
-            req.error("put: malformed segments (keys, segs, tokens and KV buffers must agree)")
+            req.error("put: malformed segments (keys, segs, tokens and KV buffers must "
+                      "agree; age, if given, seconds >= 0)")
             return
         bad = put_key_mismatch(keys, segs, toks, self.S, h.get("seed"))
         if bad is not None:  # a key that is not its tokens' chained hash: nothing is stored
@@ -144,7 +150,9 @@ class SegmentServer:
                     self.counters.add("put_refused_full")
                     break
                 kvio.scatter(self.kvcache, slots, data, self.layout)
-                self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
+                node, _ = self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
+                if age is not None and self.clock_at is not None:  # as old as at its sender
+                    node.last_access = min(node.last_access, self.clock_at(float(age)))
                 self.index.announce(list(keys[: i + 1]), [i])
                 stored += 1
                 held.append(i)

@@ -36,7 +36,7 @@ import math
 import os
 import time
 import uuid
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -53,6 +53,7 @@ from sglang_tokenlake.pool.identity import Identities
 from sglang_tokenlake.pool.index import IndexSync
 from sglang_tokenlake.pool.limits import beacon_of, hello_members, valid_member_id
 from sglang_tokenlake.pool.remote import RemoteAttention
+from sglang_tokenlake.pool.spill import Spill
 from sglang_tokenlake.pool.surfaces import CacheHost
 from sglang_tokenlake.pool.transfers import Transfers
 from sglang_tokenlake.transport.auth import CurveKeys
@@ -98,6 +99,7 @@ class PoolLink:
         self.transfers = Transfers(host, self, self.policy, self.index, self.agent, config,
                                    self.counters, self.known_sender, self.calibration)
         self.server = self.transfers.server
+        self.spill = Spill(host, self, self.policy, self.agent, config, self.counters)
         self.layout = self.transfers.layout
         self.remote = RemoteAttention(host, self, self.agent, config.query_timeout, self.counters,
                                       config.lease_ttl)
@@ -153,15 +155,18 @@ class PoolLink:
         if self.host.free_tokens() >= self.S:
             return math.inf
         oldest = self.tree.oldest_access()
-        if oldest is None:
-            return 0.0
-        now = time.monotonic()
-        marks = self._clock_marks  # (tree clock, time) readings, ascending
-        if not marks:
-            return 0.0
-        # The first reading at or after that access bounds its time from above.
-        i = bisect_left(marks, (oldest, -math.inf))
-        return now - marks[min(i, len(marks) - 1)][1] if i < len(marks) else 0.0
+        return 0.0 if oldest is None else self.age_of(oldest)
+
+    def age_of(self, clock: int) -> float:
+        """Seconds since the tree clock read ``clock`` (from the first reading at or after it)."""
+        marks = self._clock_marks
+        i = bisect_left(marks, (clock, -math.inf))
+        return time.monotonic() - marks[i][1] if i < len(marks) else 0.0
+
+    def clock_at(self, age: float) -> int:
+        """The tree clock ``age`` seconds ago: the last reading at or before then."""
+        i = bisect_right(self._clock_marks, time.monotonic() - age, key=lambda m: m[1])
+        return self._clock_marks[i - 1][0] if i else 0
 
     def horizons(self) -> dict[str, float]:
         out = {p: float(st.get("horizon", 0.0)) for p, st in self._peer_state.items()}
@@ -282,8 +287,12 @@ class PoolLink:
         for home, idxs in puts.items():
             self.transfers._put(home, keys, out.path, idxs, seed=seed)
 
+    def eviction_hooks(self) -> dict[str, Callable[[SegmentNode], Any]]:  # SegmentTree.evict's
+        return {"keep": self.keep_copy, "before_drop": self.spill.before_drop}
+
     def on_evicted(self, nodes: list[SegmentNode]) -> None:
         self.index.retract([n.key for n in nodes if n.designated])
+        self.spill.send()
 
     def forget(self, req: Any) -> None:
         """A request left the scheduler: drop its dispatch decisions and shipping state."""

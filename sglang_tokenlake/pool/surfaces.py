@@ -104,3 +104,15 @@ class PoolView(Protocol):
     def loads(self) -> dict[str, float]:
         """Members' backlogs in seconds of queued work (dispatch's balancing weight)."""
         ...
+
+    def horizons(self) -> dict[str, float]:
+        """Members' eviction horizons in seconds (``inf``: free room), as last announced."""
+        ...
+
+    def age_of(self, clock: int) -> float:
+        """Seconds since this worker's tree clock read ``clock``."""
+        ...
+
+    def clock_at(self, age: float) -> int:
+        """This worker's tree clock ``age`` seconds ago (0 before its oldest reading)."""
+        ...

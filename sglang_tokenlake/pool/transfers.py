@@ -76,7 +76,8 @@ class Transfers:
         self.config = config
         self.counters = counters
         self.self_id = view.self_id
-        self.server = SegmentServer(host, index, counters, known_sender)  # peers' gets and puts
+        self.server = SegmentServer(host, index, counters, known_sender,  # peers' gets, puts
+                                    view.clock_at)
         self.puts = self.server.puts  # KV bytes queued by peers' puts
         self.S = host.segment_size
         self.kvcache, self.layout = self.server.kvcache, self.server.layout

@@ -341,18 +341,18 @@ class TokenLakeCache(BasePrefixCache):
 
     def evict(self, params: EvictParams) -> EvictResult:
         start = time.perf_counter()
-        keep = self.pool.keep_copy if self.pool is not None else None
+        hooks = self.pool.eviction_hooks() if self.pool is not None else {}
         if self.pool is not None:
             self.pool.before_free(params.num_tokens)
         with self.slot_mutex:
-            dropped = self.tree.evict(params.num_tokens, keep)
+            dropped = self.tree.evict(params.num_tokens, **hooks)
             if dropped:
                 runs = merge_runs([v for _, v in dropped], self.segment_size)
                 self.token_to_kv_pool_allocator.free(torch.cat(runs))
         if dropped and self.pool is not None:
             self.pool.on_evicted([n for n, _ in dropped])
         n = len(dropped) * self.segment_size
-        self.stats.evicted_segments += len(dropped)
+        self.stats.count_evicted([node for node, _ in dropped])
         self.update_eviction_metrics(n, start)
         if self.config.check_integrity and dropped:
             self.check_integrity()
@@ -386,7 +386,7 @@ class TokenLakeCache(BasePrefixCache):
         with self.slot_mutex:
             values = [self.tree.drop(n) for n in nodes]
             self.token_to_kv_pool_allocator.free(torch.cat(merge_runs(values, self.segment_size)))
-        self.stats.evicted_segments += len(values)
+        self.stats.count_evicted(nodes)
 
     # -- inspection ------------------------------------------------------------
 
