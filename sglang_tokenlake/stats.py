@@ -27,14 +27,15 @@ class CacheStats:
     duplicate_segments: int = 0
     evicted_segments: int = 0
     evicted_transient_segments: int = 0  # of those, copies of segments homed elsewhere
-    evicted_last_copies: int = 0  # of those, segments no other worker was known to hold
+    evicted_last_copies: int = 0  # of those, segments no other worker held: lost to the pool
     pulled_tokens: int = 0
     shipped_tokens: int = 0
     pull_fallbacks: int = 0
 
     def count_evicted(self, nodes: Iterable[SegmentNode]) -> None:
         """Count dropped local copies: all, the transient ones, and the pool's last
-        copies (no other worker known to hold the segment: its next use recomputes it)."""
+        copies (no other worker known to hold the segment, a spill's target included:
+        its next use recomputes it)."""
         for n in nodes:
             self.evicted_segments += 1
             self.evicted_transient_segments += not n.designated

@@ -78,6 +78,10 @@ def test_a_last_copy_moves_to_the_member_with_older_data_which_evicts_that_inste
             assert torch.equal(got_k, want_k[lo : lo + S]) and torch.equal(got_v, want_v[lo : lo + S])
     c = a.pool.counters.snapshot()
     assert c["spilled_segments"] == 2 and c["spill_puts"] == 1 and "spill_failures" not in c
+    # A counts B as their owner at once; nothing was lost to the pool at A, 2 at B
+    assert a.tree.nodes[ky[7]].owners == {B} and a.tree.nodes[ky[6]].owners == {B}
+    assert (a.stats.evicted_segments, a.stats.evicted_last_copies) == (2, 0)
+    assert (b.stats.evicted_segments, b.stats.evicted_last_copies) == (2, 2)
     assert b.pool.counters.snapshot().get("spilled_segments", 0) == 0
     _poll(hosts)  # announcements: A now knows B holds Y's tail, B knows A holds its head
     assert a.tree.nodes[ky[7]].owners == {B} and a.tree.nodes[ky[7]].value is None
@@ -99,6 +103,23 @@ def test_without_spilling_the_last_copy_leaves_the_pool():
     _poll(hosts)
     assert ky[7] not in b.tree.nodes and ky[7] not in a.tree.nodes
     assert "spill_puts" not in a.pool.counters.snapshot()
+    assert a.stats.evicted_last_copies == 2
+    for h in hosts.values():
+        h.check()
+
+
+def test_a_spill_that_fails_loses_the_segment_and_its_owner_entry():
+    net = FakeNet()
+    hosts = _scene(net)
+    a, b = hosts[A], hosts[B]
+    ky = _keys(Y)
+    net.dropped = lambda peer, kind, h: kind == "put"  # the put times out
+    a.compute(Z)
+    assert a.evicted == [ky[7], ky[6]] and b.evicted == []
+    c = a.pool.counters.snapshot()
+    assert c["spill_puts"] == 1 and c["spill_failures"] == 2 and c.get("spilled_segments", 0) == 0
+    assert ky[7] not in a.tree.nodes and ky[6] not in a.tree.nodes  # no owner is left
+    assert a.pool.transfers.remote_run(ky, segment_bytes(Y, S), 6) == []
     for h in hosts.values():
         h.check()
 

@@ -13,7 +13,8 @@ segments, as one LRU cache over all members' memory would.
 
 The KV is read while the segment is still in place (``before_drop``, called by the
 tree's eviction under the slot mutex) and sent once the eviction is over (``send``).
-A put that fails loses that segment, as the eviction would have. Each member
+The sender counts the target as an owner from then on; a put that fails removes it
+again and loses that segment, as the eviction would have. Each member
 receives at most ``SPILL_SHARE`` of its capacity per heartbeat interval: its
 announced horizon does not see what was sent since.
 """
@@ -87,6 +88,10 @@ class Spill:
         buf = kvio.gather(self.kvcache, base[off : off + self.S]).numpy()
         keys = [n.key for n in self.tree.path_to(node)]
         self._pending.append((target, keys, node.tokens, buf, age))
+        # The target holds it from now on as far as this worker knows: the node stays as
+        # a remote entry (until the put fails), and its parent, the last copy of a
+        # segment whose child is cached elsewhere, falls under the pool-wide leaf-first rule.
+        node.owners.add(target)
         start, sent = self._sent[target]
         self._sent[target] = (start, sent + self.S)
 
@@ -124,10 +129,12 @@ class Spill:
 
         def done(f: Future) -> None:
             held = f.result().header.get("held") if f.exception() is None else None
-            n = len(held) if isinstance(held, list) else 0
-            self.counters.add("spilled_segments", n)
-            if n < len(idxs):
-                self.counters.add("spill_failures", len(idxs) - n)
+            held = set(held) if isinstance(held, list) else set()
+            failed = [keys[i] for i in idxs if i not in held]
+            self.counters.add("spilled_segments", len(idxs) - len(failed))
+            if failed:
+                self.counters.add("spill_failures", len(failed))
+                self.host.submit(lambda: self.tree.remove_owner_keys(failed, target))
 
         fut.add_done_callback(done)
 
