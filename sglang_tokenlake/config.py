@@ -177,7 +177,8 @@ class TokenLakeConfig:
         "whose least recently used data is older than this many times the segment's age "
         "(the oldest such, by the eviction horizons announced with heartbeats), which "
         "evicts that older data instead: the pool then drops its least recently used "
-        "segments, not each worker its own. 0 turns it off.",
+        "segments, not each worker its own. 0 (default) turns it off; 2 is a sensible "
+        "value (docs/bench.md: on longdoc it kept no more hits).",
     )
     eviction: str = _f(
         _POLICY.eviction,

@@ -73,10 +73,11 @@ class PolicyConfig:
     ``aware`` (recency, reuse frequency and depth; see ``eviction``)."""
     aware: AwareParams = AwareParams()
     """Weights of the ``aware`` score."""
-    spill_margin: float = 2.0
+    spill_margin: float = 0.0
     """A member about to evict the pool's last copy of a segment hands it to the member
     with the largest eviction horizon when that horizon is more than ``spill_margin``
-    times the segment's age (how long ago it was last used); 0 never hands one over."""
+    times the segment's age (how long ago it was last used); 0 never hands one over
+    (the default: on longdoc it moved segments without keeping more hits, docs/bench.md)."""
 
     def __post_init__(self) -> None:
         check_eviction(self.eviction)

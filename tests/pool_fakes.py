@@ -108,6 +108,7 @@ class FakeHost:
         for n in nodes:
             base, off = self.tree.drop(n)
             self.free.extend(base[off : off + self.segment_size].tolist())
+        self.stats.count_evicted(nodes)
 
     def submit(self, fn: Callable[[], None]) -> None:
         if self.held is not None:
@@ -139,6 +140,7 @@ class FakeHost:
         for node, (base, off) in dropped:
             self.free.extend(base[off : off + self.segment_size].tolist())
             self.evicted.append(node.key)
+        self.stats.count_evicted([n for n, _ in dropped])
         if self.pool is not None:
             self.pool.on_evicted([n for n, _ in dropped])
         return [n for n, _ in dropped]

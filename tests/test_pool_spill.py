@@ -45,7 +45,9 @@ def _kv_at(host, key, layer):
 
 
 def _scene(net, **cfg):
-    """B full of X, used long ago; A full of Y, just used; both horizons announced."""
+    """B full of X, used long ago; A full of Y, just used; both horizons announced.
+    Spilling on (``spill_margin`` 2) unless ``cfg`` says otherwise."""
+    cfg.setdefault("spill_margin", 2.0)
     hosts = make_pool(net, [A, B], capacity=32, heartbeat_interval=0.05, **cfg)
     net.heartbeat()
     hosts[B].compute(X)
@@ -178,7 +180,7 @@ def test_spill_to_picks_the_oldest_data_beyond_the_margin():
     assert pol.spill_to(5.0, {B: math.inf, C: 30.0}) == B  # free room beats any age
     assert pol.spill_to(1.0, {C: 7.0, B: 7.0}) == B  # ties: the smallest id
     assert pol.spill_to(0.0, {}) is None
-    off = PoolPolicy(PolicyConfig(spill_margin=0), S, {A: 1.0, B: 1.0})
+    off = PoolPolicy(PolicyConfig(), S, {A: 1.0, B: 1.0})  # off by default
     assert off.spill_to(0.0, {B: math.inf}) is None
     with pytest.raises(ValueError, match="spill_margin"):
         PolicyConfig(spill_margin=0.5)
