@@ -90,7 +90,7 @@ class PolicyConfig:
             raise ValueError("hot_window must be >= 16 and hot_k >= 2")
         if self.replan_every < 1 or self.placement_choices < 1:
             raise ValueError("replan_every and placement_choices must be >= 1")
-        if not self.spill_margin == 0 and not self.spill_margin >= 1:
+        if not (self.spill_margin == 0 or self.spill_margin >= 1):  # NaN fails both
             raise ValueError(f"spill_margin must be 0 (off) or >= 1, got {self.spill_margin}")
 
     def heavy_hitters(self) -> HeavyHitters:
