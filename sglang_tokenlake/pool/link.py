@@ -287,8 +287,8 @@ class PoolLink:
         for home, idxs in puts.items():
             self.transfers._put(home, keys, out.path, idxs, seed=seed)
 
-    def eviction_hooks(self) -> dict[str, Callable[[SegmentNode], Any]]:  # SegmentTree.evict's
-        return {"keep": self.keep_copy, "before_drop": self.spill.before_drop}
+    def eviction_hooks(self) -> dict[str, Optional[Callable[[SegmentNode], Any]]]:
+        return {"keep": self.keep_copy, "before_drop": self.spill.hook()}  # SegmentTree.evict's
 
     def on_evicted(self, nodes: list[SegmentNode]) -> None:
         self.index.retract([n.key for n in nodes if n.designated])

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -68,11 +68,16 @@ class Spill:
         self._pending: list[tuple[str, list[int], bytes, np.ndarray, float]] = []
         self._sent: dict[str, tuple[float, int]] = {}  # member -> (window start, tokens)
 
+    def hook(self) -> Optional[Callable[[SegmentNode], None]]:
+        """``SegmentTree.evict``'s ``before_drop`` hook: ``before_drop`` while spilling is
+        on, else None (an eviction then does no work for it)."""
+        return self.before_drop if self.policy.cfg.spill_margin > 0 else None
+
     def before_drop(self, node: SegmentNode) -> None:
         """Scheduler thread, under the slot mutex: ``node`` is about to be evicted."""
-        if (self.policy.cfg.spill_margin <= 0 or not node.designated or node.value is None
-                or node.tokens is None or any(self.view.usable(o) for o in node.owners)):
-            return  # not the pool's last copy (or spilling is off)
+        if (not node.designated or node.value is None or node.tokens is None
+                or any(self.view.usable(o) for o in node.owners)):
+            return  # not the pool's last copy
         alive = self.view.alive()
         if len(alive) < 2:
             return

@@ -162,15 +162,11 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
                 continue
             pol = POLICY_OF[s["config"]]
             ex = EXECUTOR_OF.get(s["config"], SimConfig.tokenlake_executor)
-            router = router_of(s["config"], settings)
-            key = (pol, ex, router if pol == "cache_aware" or ex == "cache_aware" else None)
+            router = router_of(s["config"], settings)  # used by the cache-aware rules only
+            key = (pol, ex, router)
             if key not in sims:
-                run_cfg = replace(cfg, tokenlake_executor=ex)
-                if pol == "cache_aware":
-                    run_cfg = replace(run_cfg, router=router)
-                elif ex == "cache_aware":
-                    run_cfg = replace(run_cfg, tokenlake_router=router)
-                sims[key] = simulate(workload, pol, run_cfg)
+                sims[key] = simulate(workload, pol, replace(
+                    cfg, tokenlake_executor=ex, router=router, tokenlake_router=router))
             res = sims[key]
             sim_hit = res.hit_rate
             rows.append({
@@ -179,7 +175,8 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
                 "hit_rate_diff": round(sim_hit - s["hit_rate"], 4),
                 "measured_load_cv": round(s["load_cv_requests"], 4),
                 "simulated_load_cv": round(_cv([float(x) for x in res.served]), 4),
-                **({"router_flags": list(router.threshold_flags())} if key[2] else {}),
+                **({"router_flags": list(router.threshold_flags())}
+                   if "cache_aware" in (pol, ex) else {}),
             })
     return rows
 
