@@ -166,6 +166,14 @@ class AwareCache:
         if e.kids == 0:
             self._push(key, e)
 
+    def place(self, key: int, stamp: float, parent: Optional[int] = None,
+              depth: int = 0) -> None:
+        """Insert ``key`` (absent) as last used at ``stamp``, which may be older than
+        entries already here (a spilled segment; ``PrefixLRU.place``)."""
+        if key in self._d:
+            raise ValueError(f"key {key} is cached already")
+        self.touch(key, stamp, parent, depth)
+
     def _top(self) -> Optional[tuple[float, float, int, int]]:
         heap, d = self._heap, self._d
         while heap:
@@ -211,8 +219,10 @@ class AwareCache:
                 else:
                     self._pending.pop(e.parent, None)
 
-    def overflow(self, keep: Callable[[int], bool] | None = None, scan: int = 64) -> list[int]:
-        """Evict in ``aware`` order until within capacity; return the evicted keys.
+    def overflow(self, keep: Callable[[int], bool] | None = None, scan: int = 64,
+                 dropped: Callable[[int, float], None] | None = None) -> list[int]:
+        """Evict in ``aware`` order until within capacity; return the evicted keys;
+        ``dropped(key, stamp)`` is called for each as it goes (``PrefixLRU.overflow``).
 
         With ``keep``, a key for which ``keep(key)`` is true is passed over (it stays) while
         one of the first ``scan`` candidates can go instead; else the first of them goes
@@ -236,6 +246,8 @@ class AwareCache:
             self.life += (max(self.clock - x[1], 1.0) - self.life) / 64
             self._remove(x[3])
             out.append(x[3])
+            if dropped is not None:
+                dropped(x[3], x[1])
         for y in held:
             heapq.heappush(heap, y)
         return out

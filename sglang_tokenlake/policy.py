@@ -44,6 +44,9 @@ from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
 from sglang_tokenlake.placement import Placement
 
 PLACEMENTS = ("segment", "chain", "executor")
+SPILL_SHARE = 0.25
+"""Of a member's capacity, at most this much is spilled to it per heartbeat interval
+(its announced horizon does not see what was sent since)."""
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,10 @@ class PoolPolicy:
         m = self.cfg.spill_margin
         if m <= 0 or not horizons:
             return None
-        best = min(horizons, key=lambda w: (-horizons[w], w))
-        return best if horizons[best] > m * max(age, 0.0) else None
+        top = max(horizons.values())
+        if not top > m * max(age, 0.0):
+            return None
+        return min(w for w, h in horizons.items() if h == top)
 
     # -- dispatch --------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ def test_a_member_squeezed_to_no_room_is_never_a_placement_choice():
     first, second = tl.policy.candidates(key)
     for k in range(4):
         tl.caches[second].touch(2000 + k, 1)
-    tl.pressure({tl.index[first]: 4 * 256})
+    tl.pressure({tl.index[first]: 4 * 256}, 0.0)
     assert tl.caches[first].capacity == 0 and tl.horizons[first] == float("-inf")
     tl.horizons.clock = 10
     tl._update([key], {}, tl.ids[0])

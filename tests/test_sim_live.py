@@ -197,3 +197,19 @@ def test_router_flags_without_a_number_are_an_error():
         CacheAwareConfig().with_flags(["--balance-abs-threshold"])
     with pytest.raises(ValueError, match="not a number"):
         CacheAwareConfig().with_flags(["--cache-threshold=high"])
+
+
+def test_tokenlake_args_given_to_the_replay_come_after_the_runs_own(tmp_path, capsys):
+    run = _bench(tmp_path, ["tokenlake-rr"])
+    bench = json.loads((run / "bench.json").read_text())
+    bench["meta"]["settings"].update(max_total_tokens=384,  # 6 segments: pressure
+                                     tokenlake_args=["--tokenlake-spill-margin", "4"])
+    (run / "bench.json").write_text(json.dumps(bench))
+    on = compare(run)  # the run's own margin
+    assert on[0]["simulated_spilled_segments"] > 0
+    off = compare(run, ("--tokenlake-spill-margin", "0"))
+    assert "simulated_spilled_segments" not in off[0]
+    assert main([str(run), "--tokenlake-args=--tokenlake-spill-margin 0.5"]) == 2
+    assert "spill_margin must be 0 (off) or >= 1" in capsys.readouterr().err
+    assert main([str(run), "--tokenlake-args=--tokenlake-spill-margin x"]) == 2
+    assert "invalid float value" in capsys.readouterr().err

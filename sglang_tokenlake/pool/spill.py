@@ -32,12 +32,11 @@ import numpy as np
 from sglang_tokenlake import kvio
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.counters import Counters
-from sglang_tokenlake.policy import PoolPolicy
+from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy
 from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.transport.peers import PeerAgent
 from sglang_tokenlake.tree import SegmentNode
 
-SPILL_SHARE = 0.25  # of a member's capacity, sent to it per heartbeat interval at most
 SEGMENTS_PER_PUT = 256  # segments of one chain sent in one put, at most
 
 

@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                         "at its own home; chain: together; executor: where computed)")
     p.add_argument("--no-pool-leaf-first", action="store_true",
                    help="TokenLake: drop the pool-wide leaf-first eviction rule")
+    p.add_argument("--spill-margin", type=float, default=PolicyConfig.spill_margin,
+                   help="TokenLake: hand the pool's last copy of an evicted segment to the "
+                        "member with the oldest data when that is more than this many times "
+                        "older (live --tokenlake-spill-margin; 0: off)")
+    p.add_argument("--spill-window", type=float, default=SimConfig.spill_window_s,
+                   help="TokenLake with --spill-margin: simulated seconds in which a member "
+                        "receives at most a quarter of its capacity (live: the heartbeat "
+                        "interval)")
     p.add_argument("--replica-budget", type=float, default=PolicyConfig.replica_budget,
                    help="TokenLake: share of the pool hot-segment replicas may use")
     p.add_argument("--no-memory-pressure", action="store_true",
@@ -115,6 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           placement=args.placement,
                           pool_leaf_first=not args.no_pool_leaf_first,
                           eviction=args.eviction,
+                          spill_margin=args.spill_margin,
                           aware=AwareParams(args.aware_freq_weight, args.aware_depth_weight))
     router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
                               args.balance_rel_threshold)
@@ -131,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             segment_size=wl.segment_size, time_stretch=stretches[(u, n)], compute=compute,
             shape=shape, bandwidth_Bps=args.bandwidth_gbps * 1e9, router=router, policy=policy,
             memory_pressure=not args.no_memory_pressure, shared_prefix_kv=args.shared_prefix_kv,
-            prefill_visibility=args.prefill_visibility,
+            prefill_visibility=args.prefill_visibility, spill_window_s=args.spill_window,
         )
         tasks.append((pol, cfg, frac, u))
     # Same instance count back to back: a worker process reuses its memoized homes.

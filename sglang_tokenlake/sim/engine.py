@@ -177,7 +177,7 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
         if cfg.memory_pressure:
             changed = cluster.kv_changes(now)
             if changed:
-                policy.pressure(changed)
+                policy.pressure(changed, now)
         out = policy.serve(req, now)
         if prefills is None:
             _account(cluster, cfg, req, now, out, res)

@@ -33,11 +33,12 @@ import argparse
 import inspect
 import json
 import math
+import shlex
 import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import xxhash
 
@@ -48,6 +49,9 @@ from sglang_tokenlake.sim.engine import simulate
 from sglang_tokenlake.sim.model import SimConfig
 from sglang_tokenlake.sim.routing import CacheAwareConfig
 from sglang_tokenlake.sim.workloads import Request, Workload
+
+if TYPE_CHECKING:
+    from sglang_tokenlake.config import TokenLakeConfig
 
 POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
              "tokenlake-rr": "tokenlake", "tokenlake-p2c": "tokenlake",
@@ -97,14 +101,19 @@ def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
     return Workload(meta_wl["name"], segment_size, out), chars / max(tokens, 1)
 
 
-def policy_of(settings: dict[str, Any]) -> PolicyConfig:
-    """The pool policy the run's workers used (defaults plus the run's --tokenlake-args)."""
+def pool_config_of(settings: dict[str, Any]) -> TokenLakeConfig:
+    """The TokenLake settings the run's workers had (defaults plus its --tokenlake-args)."""
     from sglang_tokenlake.config import TokenLakeConfig
 
     parser = argparse.ArgumentParser(add_help=False)
     TokenLakeConfig.add_cli_args(parser)
     args, _ = parser.parse_known_args([str(a) for a in settings.get("tokenlake_args") or []])
-    return TokenLakeConfig.from_cli_args(args).policy()
+    return TokenLakeConfig.from_cli_args(args)
+
+
+def policy_of(settings: dict[str, Any]) -> PolicyConfig:
+    """The pool policy the run's workers used."""
+    return pool_config_of(settings).policy()
 
 
 def router_of(config: str, settings: dict[str, Any]) -> CacheAwareConfig:
@@ -135,9 +144,12 @@ def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeMode
                         kv_capacity_tokens=kv_tokens)
 
 
-def compare(run_dir: Path) -> list[dict[str, Any]]:
+def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Replay every measured configuration of ``run_dir``; ``tokenlake_args`` come after
+    the run's own ``--tokenlake-args`` (a setting whose default has changed since)."""
     bench = json.loads((run_dir / "bench.json").read_text())
-    settings = bench["meta"]["settings"]
+    settings = dict(bench["meta"]["settings"])
+    settings["tokenlake_args"] = [*(settings.get("tokenlake_args") or []), *tokenlake_args]
     S, workers = int(settings["segment_size"]), int(settings["workers"])
     kv = int(settings["max_total_tokens"])
     records: dict[tuple[str, str], dict[str, Any]] = {}
@@ -152,9 +164,10 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
         name = meta_wl["name"]
         recs = {rid: r for (w, rid), r in records.items() if w == name}
         workload, cpt = replay_requests(meta_wl, recs, S)
+        pool = pool_config_of(settings)
         cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
-                        policy=policy_of(settings), shared_prefix_kv=True,
-                        prefill_visibility=True)
+                        policy=pool.policy(), shared_prefix_kv=True, prefill_visibility=True,
+                        spill_window_s=pool.heartbeat_interval)
         sims: dict[str, Any] = {}
         rate = float(meta_wl["params"]["rate"])
         for s in bench["summaries"]:  # this workload at this rate (a sweep has several)
@@ -177,6 +190,8 @@ def compare(run_dir: Path) -> list[dict[str, Any]]:
                 "simulated_load_cv": round(_cv([float(x) for x in res.served]), 4),
                 **({"router_flags": list(router.threshold_flags())}
                    if "cache_aware" in (pol, ex) else {}),
+                **({"simulated_spilled_segments": res.extra["spilled_segments"]}
+                   if "spilled_segments" in res.extra else {}),
             })
     return rows
 
@@ -187,12 +202,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("run", type=Path, help="a harness output folder (bench.json, requests.jsonl)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where to write the JSON (default: RUN/sim_vs_live.json)")
+    ap.add_argument("--tokenlake-args", type=shlex.split, default=[],
+                    help="TokenLake flags added after the run's own, e.g. "
+                         "--tokenlake-args=\"--tokenlake-spill-margin 2\" for a run made while "
+                         "that was the default")
     args = ap.parse_args(argv)
     if not (args.run / "bench.json").exists():
         print(f"error: {args.run / 'bench.json'} not found: give a harness output folder",
               file=sys.stderr)
         return 2
-    rows = compare(args.run)
+    try:
+        rows = compare(args.run, tuple(args.tokenlake_args))
+    except SystemExit:  # a flag argparse refused: it said why
+        return 2
+    except ValueError as e:
+        print(f"error: --tokenlake-args: {e}", file=sys.stderr)
+        return 2
     print("| workload | rate | config | hit rate live | sim | diff | load CV live | sim |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

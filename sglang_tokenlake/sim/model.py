@@ -84,10 +84,17 @@ class SimConfig:
     prefix compute it again and hold that copy while they run. Per instance for the
     per-instance caches, pool-wide for the pooled ones (``Policy.pooled``)."""
 
+    spill_window_s: float = 0.5
+    """TokenLake with ``policy.spill_margin``: each member receives at most ``SPILL_SHARE``
+    of its capacity in spilled segments per this many seconds (the live pool's
+    ``--tokenlake-heartbeat-interval``)."""
+
     def __post_init__(self) -> None:
         if self.tokenlake_executor not in EXECUTORS:
             raise ValueError(f"tokenlake_executor must be one of {', '.join(EXECUTORS)}, "
                              f"got {self.tokenlake_executor!r}")
+        if not self.spill_window_s > 0:
+            raise ValueError(f"spill_window_s must be > 0, got {self.spill_window_s}")
 
     @property
     def costs(self) -> Costs:

@@ -78,8 +78,8 @@ class Policy:
     def serve(self, req: Request, now: float) -> Outcome:
         raise NotImplementedError
 
-    def pressure(self, running: Mapping[int, int]) -> None:
-        """Instances whose running requests now hold ``running[i]`` KV tokens: resize caches."""
+    def pressure(self, running: Mapping[int, int], now: float) -> None:
+        """Instances whose running requests hold ``running[i]`` KV tokens at ``now``: resize caches."""
         raise NotImplementedError
 
     def stats(self) -> dict:
@@ -107,7 +107,7 @@ class Stock(Policy):
         cache.use(full)
         return Outcome(i, hit * self.seg, {}, {}, 0.0, self.held(req, full, cache))
 
-    def pressure(self, running: Mapping[int, int]) -> None:
+    def pressure(self, running: Mapping[int, int], now: float) -> None:
         for i, tokens in running.items():
             cache = self.caches[i]
             cache.capacity = self.room(tokens)
@@ -166,7 +166,7 @@ class Limit(Policy):
         return Outcome(self.least_loaded(now), hit * self.seg, {}, {}, 0.0,
                        self.held(req, full, self.cache))
 
-    def pressure(self, running: Mapping[int, int]) -> None:
+    def pressure(self, running: Mapping[int, int], now: float) -> None:
         self.cache.capacity = self.room(sum(self.cluster.running_kv), self.cfg.instances)
         self.cache.overflow()
 

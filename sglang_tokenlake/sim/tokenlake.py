@@ -35,7 +35,7 @@ from dataclasses import replace
 from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, Balancer
 from sglang_tokenlake.dispatch import Mode
 from sglang_tokenlake.placement import Placement
-from sglang_tokenlake.policy import PoolPolicy
+from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
@@ -109,11 +109,22 @@ class TokenLake(Policy):
         self._replicas_made = 0
         self._replicas_dropped = 0
         self._peak_extra = 0
+        # Spilling (``PolicyConfig.spill_margin``): the current window's start, the members
+        # that may still receive in it (their horizons at its start), what each received,
+        # the segments spilled, and their bytes not yet reported.
+        self._spill = cfg.policy.spill_margin > 0
+        self._window_at = float("-inf")
+        self._open: dict[str, float] = {}
+        self._sent: dict[str, int] = {}
+        self._now = 0.0
+        self._spilled = 0
+        self._spill_bytes = 0
 
     # -- per request ---------------------------------------------------------------
 
     def serve(self, req: Request, now: float) -> Outcome:
         seg, shape, loc = self.seg, self.cfg.shape, self.loc
+        self._now = now
         full = self.full(req)
         k = 0
         while k < len(full) and full[k] in loc:
@@ -181,6 +192,8 @@ class TokenLake(Policy):
             moved_r = self.replan()
             if moved_r:
                 moved["replicate"] = moved_r
+        if self._spill_bytes:  # spilled since the last request (its evictions, pressure)
+            moved["spill"], self._spill_bytes = self._spill_bytes, 0
         # KV the executor holds outside its cache: the prompt less what it keeps as a
         # home (local hits, new segments placed here) and what owners serve (shipped).
         kept = sum(1 for key in full if ex_id in loc.get(key, ()))
@@ -239,13 +252,24 @@ class TokenLake(Policy):
             self._evict(w)
         return put
 
-    def pressure(self, running: Mapping[int, int]) -> None:
+    def pressure(self, running: Mapping[int, int], now: float) -> None:
+        self._now = now
         for i, tokens in running.items():
             w = self.ids[i]
             self.caches[w].capacity = self.room(tokens)
             self._evict(w)
 
     def _evict(self, w: str) -> None:
+        """Evict ``w`` to its capacity, then every member that received spilled segments
+        from it (and so on: each hand-over goes to older data, and each member receives
+        at most its share per window, so this ends)."""
+        todo = [w]
+        while todo:
+            received = self._evict_one(todo.pop())
+            todo.extend(t for t in received if t not in todo)
+
+    def _evict_one(self, w: str) -> set[str]:
+        """Evict ``w`` to its capacity; return the members its last copies spilled to."""
         loc, nkids = self.loc, self.nkids
         keep = None
         if self.cfg.policy.pool_leaf_first:
@@ -254,19 +278,56 @@ class TokenLake(Policy):
             def keep(key: int) -> bool:
                 return keep_last(nkids.get(key, 0) > 0, len(loc.get(key, ())) - 1)
 
-        for key in self.caches[w].overflow(keep):
+        received: set[str] = set()
+        spill = self._spill
+
+        def dropped(key: int, stamp: float) -> None:
             holders = loc.get(key)
-            if holders is not None:
-                holders.discard(w)
-                if not holders:
-                    del loc[key]
-                    p = self.parent.pop(key, None)
-                    if p is not None:
-                        left = nkids[p] - 1
-                        if left > 0:
-                            nkids[p] = left
-                        else:
-                            del nkids[p]
+            if holders is None:
+                return
+            holders.discard(w)
+            if holders:
+                return
+            if spill:  # the pool's last copy: spill it to older data
+                t = self._spill_target(w, self.horizons.clock - stamp)
+                if t is not None:
+                    holders.add(t)
+                    self.caches[t].place(key, stamp, self.parent.get(key))
+                    received.add(t)
+                    self._spilled += 1
+                    self._spill_bytes += self.cfg.shape.kv_bytes(self.seg)
+                    return
+            del loc[key]
+            p = self.parent.pop(key, None)
+            if p is not None:
+                left = nkids[p] - 1
+                if left > 0:
+                    nkids[p] = left
+                else:
+                    del nkids[p]
+
+        self.caches[w].overflow(keep, dropped=dropped)
+        return received
+
+    def _spill_target(self, w: str, age: float) -> str | None:
+        """``PoolPolicy.spill_to`` from ``w``, as the live ``pool.spill.Spill``: on the
+        horizons as they were at the start of the window (live: announced with the last
+        heartbeat), among the members that have received less than ``SPILL_SHARE`` of their
+        capacity in it; counts the segment against the one chosen."""
+        if self._now - self._window_at >= self.cfg.spill_window_s:
+            self._window_at = self._now
+            self._open = {m: self.horizons[m] for m in self.ids}
+            self._sent = {}
+        open_ = self._open
+        own = open_.pop(w, None)
+        t = self.policy.spill_to(age, open_)
+        if own is not None:
+            open_[w] = own
+        if t is not None:
+            n = self._sent[t] = self._sent.get(t, 0) + 1
+            if n + 1 > SPILL_SHARE * self.cfg.capacity_blocks:
+                del open_[t]
+        return t
 
     # -- replicas ---------------------------------------------------------------------
 
@@ -314,5 +375,6 @@ class TokenLake(Policy):
             "replicas_dropped": self._replicas_dropped,
             "peak_extra_replicas": self._peak_extra,
             "hot_segments_last_plan": len(self.policy.copies),
+            **({"spilled_segments": self._spilled} if self._spill else {}),
             **({"router_decisions": dict(self._router.decisions)} if self._router else {}),
         }

@@ -1,0 +1,156 @@
+"""Spilling in the simulator: ``PrefixLRU.place`` and ``TokenLake``'s hand-over of the
+pool's last copies (``PolicyConfig.spill_margin``), as the live ``pool.spill.Spill``."""
+
+import pytest
+
+from sglang_tokenlake.eviction import AwareCache
+from sglang_tokenlake.policy import SPILL_SHARE, PolicyConfig
+from sglang_tokenlake.sim.cache import PrefixLRU
+from sglang_tokenlake.sim.cluster import Cluster
+from sglang_tokenlake.sim.engine import simulate
+from sglang_tokenlake.sim.model import SimConfig
+from sglang_tokenlake.sim.tokenlake import TokenLake
+from sglang_tokenlake.sim.workloads import longctx
+
+S = 256
+
+
+def test_a_placed_key_takes_its_place_among_older_entries():
+    c = PrefixLRU(6)
+    for k, st in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        c.touch(k, st)
+    c.place(10, 1.5)
+    c.place(11, 2.0)  # a tie: the placed key counts as the older one
+    c.place(12, 9.0)  # newer than everything: appended
+    assert c.keys() == [1, 10, 11, 2, 3, 12] and len(c) == 6
+    assert 10 in c and c.match([10, 11, 4]) == 2 and c.oldest_stamp() == 1.0
+    with pytest.raises(ValueError, match="cached already"):
+        c.place(2, 0.5)
+    c.touch(10, 10.0)  # used again: now the newest
+    assert c.keys() == [1, 11, 2, 3, 12, 10]
+    c.capacity = 3
+    stamps: list[float] = []
+    assert c.overflow(keep=lambda k: k == 1, dropped=lambda k, s: stamps.append(s)) == [11, 2, 3]
+    assert stamps == [2.0, 2.0, 3.0] and c.keys() == [1, 12, 10]
+    c.discard(1)
+    c.capacity = 1
+    assert c.overflow(dropped=lambda k, s: stamps.append(s)) == [12] and stamps[-1] == 9.0
+    assert c.keys() == [10] and c.oldest_stamp() == 10.0
+
+
+def test_the_aware_cache_places_an_aged_key_too():
+    c = AwareCache(2)
+    c.touch(1, 5.0)
+    c.place(2, 1.0)
+    with pytest.raises(ValueError, match="cached already"):
+        c.place(1, 0.0)
+    c.capacity = 1
+    stamps: list[float] = []
+    assert c.overflow(dropped=lambda k, s: stamps.append(s)) == [2] and stamps == [1.0]
+
+
+def _pool(margin: float, window: float = 0.5) -> TokenLake:
+    cfg = SimConfig(3, 8, S, policy=PolicyConfig(replica_budget=0, spill_margin=margin),
+                    spill_window_s=window)
+    return TokenLake(cfg, Cluster(3, cfg.compute))
+
+
+def _check_books(tl: TokenLake) -> None:
+    """Every cache holds exactly the keys the location index gives it, and each
+    located key has a parent entry iff it is not a root."""
+    for w, cache in tl.caches.items():
+        assert set(cache.keys()) == {k for k, hs in tl.loc.items() if w in hs}, w
+        assert len(cache) <= cache.capacity
+    assert all(hs for hs in tl.loc.values())
+    counted: dict[int, int] = {}
+    for k, p in tl.parent.items():
+        assert k in tl.loc
+        counted[p] = counted.get(p, 0) + 1
+    assert counted == dict(tl.nkids)
+
+
+def _fill(tl: TokenLake):
+    a_id, b_id, c_id = tl.ids
+    a = list(range(100, 106))  # 6 segments on A
+    b = list(range(200, 208))  # B full
+    c = list(range(300, 302))  # C has free room
+    tl._update(a, {}, a_id)  # clock 1
+    tl._update(b, {}, b_id)  # clock 2
+    tl._update(c, {}, c_id)  # clock 3
+    tl.horizons.clock = 20
+    return a, a_id, b_id, c_id
+
+
+def test_a_squeezed_member_spills_its_last_copies_to_the_oldest_data_within_its_share():
+    tl = _pool(margin=2.0)
+    a, a_id, b_id, c_id = _fill(tl)
+    tl.pressure({0: 4 * S}, 0.0)  # A keeps 4 of its 6 segments
+    # A's two deepest (age 19) go to C (free room: an infinite horizon), at their age.
+    assert tl.loc[a[5]] == {c_id} and tl.loc[a[4]] == {c_id}
+    assert tl.caches[c_id].keys() == [a[5], a[4], 301, 300]
+    assert tl._spill_bytes == 2 * tl.cfg.shape.kv_bytes(S) and tl._spilled == 2
+    _check_books(tl)
+    # C has had SPILL_SHARE of its capacity this window; B's data (horizon 18) is not
+    # more than twice as old as A's (age 19): the next two are lost.
+    assert SPILL_SHARE * 8 == 2
+    tl.pressure({0: 6 * S}, 0.1)
+    assert a[3] not in tl.loc and a[2] not in tl.loc and tl._spilled == 2
+    _check_books(tl)
+    tl.pressure({0: 7 * S}, 0.6)  # a new window: C receives again
+    assert tl.loc[a[1]] == {c_id} and tl._spilled == 3
+    assert [k for k in a if k in tl.loc] == [a[0], a[1], a[4], a[5]]
+    _check_books(tl)
+    assert tl.stats()["spilled_segments"] == 3
+
+
+def test_without_a_margin_the_last_copies_leave_the_pool():
+    tl = _pool(margin=0.0)
+    a, a_id, b_id, c_id = _fill(tl)
+    tl.pressure({0: 4 * S}, 0.0)
+    assert [k for k in a if k in tl.loc] == a[:4]
+    assert tl._spill_bytes == 0 and "spilled_segments" not in tl.stats()
+    _check_books(tl)
+
+
+def test_a_receiver_evicts_its_own_older_data_and_does_not_spill_it_back():
+    tl = _pool(margin=1.0)
+    a_id, b_id, c_id = tl.ids
+    c = list(range(300, 308))
+    tl._update(c, {}, c_id)  # clock 1: C full with the oldest data
+    a = list(range(100, 106))
+    tl._update(a, {}, a_id)  # clock 2
+    tl._update(list(range(200, 208)), {}, b_id)  # clock 3
+    tl.horizons.clock = 20
+    tl.pressure({0: 4 * S}, 0.0)  # A's deepest two (age 18) go to C (horizon 19)
+    assert tl.loc[a[5]] == {c_id} and tl.loc[a[4]] == {c_id}
+    # C made room by evicting its two oldest; nobody's data was older than theirs.
+    assert c[7] not in tl.loc and c[6] not in tl.loc
+    assert tl.caches[c_id].keys() == c[5::-1] + [a[5], a[4]] and tl._spilled == 2
+    _check_books(tl)
+
+
+def test_spilling_in_a_whole_run_reports_what_it_moved():
+    wl = longctx(requests=120, contexts=6, seed=1)
+    base = dict(instances=4, capacity_blocks=wl.unique_full_blocks() // 8,
+                segment_size=wl.segment_size, shape=wl.shape, shared_prefix_kv=True)
+    off = simulate(wl, "tokenlake", SimConfig(**base))
+    on = simulate(wl, "tokenlake", SimConfig(**base, policy=PolicyConfig(spill_margin=2.0)))
+    n = on.extra["spilled_segments"]
+    assert n > 0 and on.bytes["spill"] == n * wl.shape.kv_bytes(wl.segment_size)
+    assert "spill" not in off.bytes and "spilled_segments" not in off.extra
+    assert on.hit_tokens != off.hit_tokens
+
+
+def test_a_leaf_evicted_in_the_same_call_no_longer_protects_its_parent():
+    # Pool-wide leaf-first sees each eviction as it happens: after X's leaf goes, X's
+    # next segment has no cached child and is the oldest, so it goes next. (Before, the
+    # location index was updated after the whole call: the parent looked protected and
+    # the newer chain Y lost its leaf instead.)
+    tl = _pool(margin=0.0)
+    a_id = tl.ids[0]
+    x, y = [10, 11, 12, 13], [20, 21, 22, 23]
+    tl._update(x, {}, a_id)  # clock 1
+    tl._update(y, {}, a_id)  # clock 2
+    tl.pressure({0: 2 * S}, 0.0)  # room for 6
+    assert [k for k in x + y if k in tl.loc] == [10, 11, 20, 21, 22, 23]
+    _check_books(tl)
