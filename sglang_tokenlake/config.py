@@ -177,8 +177,10 @@ class TokenLakeConfig:
         "whose least recently used data is older than this many times the segment's age "
         "(the oldest such, by the eviction horizons announced with heartbeats), which "
         "evicts that older data instead: the pool then drops its least recently used "
-        "segments, not each worker its own. 0 (default) turns it off; 2 is a sensible "
-        "value (docs/bench.md: on longdoc it kept no more hits).",
+        "segments, not each worker its own. 0 (default) turns it off; 1-2 are sensible "
+        "values. It pays at many workers under memory pressure and costs traffic "
+        "(docs/simulator.md); on 4 workers with long documents it kept no more hits "
+        "(docs/bench.md).",
     )
     eviction: str = _f(
         _POLICY.eviction,

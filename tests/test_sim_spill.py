@@ -154,3 +154,14 @@ def test_a_leaf_evicted_in_the_same_call_no_longer_protects_its_parent():
     tl.pressure({0: 2 * S}, 0.0)  # room for 6
     assert [k for k in x + y if k in tl.loc] == [10, 11, 20, 21, 22, 23]
     _check_books(tl)
+
+
+def test_a_member_whose_share_is_under_one_segment_receives_nothing():
+    # As live (``Spill._room``): a quarter of a 3-segment cache is less than a segment.
+    cfg = SimConfig(2, 3, S, policy=PolicyConfig(replica_budget=0, spill_margin=1.0))
+    tl = TokenLake(cfg, Cluster(2, cfg.compute))
+    tl._update([1, 2, 3], {}, tl.ids[0])
+    tl.horizons.clock = 10
+    tl.pressure({0: 2 * S}, 0.0)  # the other member is empty: free room, yet too small a share
+    assert [k for k in (1, 2, 3) if k in tl.loc] == [1] and tl._spilled == 0
+    _check_books(tl)

@@ -314,9 +314,10 @@ class TokenLake(Policy):
         horizons as they were at the start of the window (live: announced with the last
         heartbeat), among the members that have received less than ``SPILL_SHARE`` of their
         capacity in it; counts the segment against the one chosen."""
+        share = SPILL_SHARE * self.cfg.capacity_blocks
         if self._now - self._window_at >= self.cfg.spill_window_s:
             self._window_at = self._now
-            self._open = {m: self.horizons[m] for m in self.ids}
+            self._open = {m: self.horizons[m] for m in self.ids} if share >= 1 else {}
             self._sent = {}
         open_ = self._open
         own = open_.pop(w, None)
@@ -325,7 +326,7 @@ class TokenLake(Policy):
             open_[w] = own
         if t is not None:
             n = self._sent[t] = self._sent.get(t, 0) + 1
-            if n + 1 > SPILL_SHARE * self.cfg.capacity_blocks:
+            if n + 1 > share:
                 del open_[t]
         return t
 
