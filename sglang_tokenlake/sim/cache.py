@@ -32,9 +32,10 @@ def new_cache(capacity: int, policy: PolicyConfig | None = None) -> PrefixLRU | 
 class PrefixLRU:
     """Up to ``capacity`` blocks (keys), least recently used first.
 
-    Touched keys live in an ``OrderedDict`` in the order of their stamps; keys placed
-    at an older stamp (``place``) wait in a sorted list beside it, and every read
-    merges the two (stamp ties: the placed key is older).
+    Touched keys live in an ``OrderedDict`` in the order of their stamps; a key placed
+    at a stamp older than the newest entry's (``place``) waits in a sorted list beside
+    it, and every read merges the two (stamp ties: the placed key is older). A key
+    placed at a stamp at least the newest one's is simply appended.
     """
 
     __slots__ = ("capacity", "_od", "_aged", "_aged_at", "_seq")

@@ -19,7 +19,8 @@ Per request:
    segments go where ``PoolPolicy.place_run`` says (by default all stay on the
    executor; ``put`` bytes when their home is not the executor); each instance
    evicts its least recently used segments, passing over those
-   ``keep_last_copy`` protects.
+   ``keep_last_copy`` protects; with ``spill_margin`` the pool's last copy of
+   an evicted segment goes to ``PoolPolicy.spill_to``'s member instead, at its age.
 5. Every ``replan_every`` requests ``PoolPolicy.plan_replicas`` turns the heavy
    hitters into copies; extra copies are made at the next-best rendezvous homes
    (``replicate`` bytes) and dropped when a segment cools.
