@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sim_books import check_books
 
 from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.segments import namespace_seed, segment_keys
@@ -127,21 +128,13 @@ def _pool(cfg: SimConfig, w: Workload) -> TokenLake:
     return tl
 
 
-def _check_index(tl: TokenLake) -> None:
-    held = {}
-    for wid, cache in tl.caches.items():
-        for k in cache.keys():
-            held.setdefault(k, set()).add(wid)
-    assert held == tl.loc  # the location index is exactly what the caches hold
-
-
 def test_tokenlake_pool_invariants():
     w = loogle_like(requests=300, docs=20, doc_tokens=6000)
     uniq = w.unique_full_blocks()
     pc = PolicyConfig(replan_every=16, hot_window=2000, hot_k=32, replica_budget=0.1)
     cfg = SimConfig(4, max(1, uniq // 10), w.segment_size, policy=pc)
     tl = _pool(cfg, w)
-    _check_index(tl)
+    check_books(tl)
     pol = tl.policy
     assert pol.members == dict.fromkeys(tl.ids, float(cfg.capacity_blocks * w.segment_size))
     assert pol.planner.budget_tokens == int(0.1 * 4 * cfg.capacity_blocks * w.segment_size)
@@ -159,7 +152,7 @@ def test_hot_segments_get_the_copies_the_policy_plans(placement):
     cfg = SimConfig(4, 64, 128, policy=PolicyConfig(replan_every=16, hot_window=512, hot_k=32,
                                                     replica_budget=0.5, placement=placement))
     tl = _pool(cfg, w)
-    _check_index(tl)
+    check_books(tl)
     pol = tl.policy
     firsts = {r.keys[0] for r in w.requests}
     assert len(firsts) == 2 and all(pol.copies.get(k) == 2 for k in firsts)
@@ -238,7 +231,7 @@ def test_a_requests_new_segments_are_placed_together(placement):
     assert {k: tl.loc[k] for k in keys[2:]} == dict.fromkeys(keys[2:], {home})
     assert {k: tl.loc[k] for k in keys[:2]} == before
     assert put == (0 if home == ex else 3 * cfg.shape.kv_bytes(256))
-    _check_index(tl)
+    check_books(tl)
 
 
 def test_pool_wide_leaf_first_keeps_a_parent_whose_child_is_elsewhere():
@@ -255,7 +248,7 @@ def test_pool_wide_leaf_first_keeps_a_parent_whose_child_is_elsewhere():
     tl._update([fresh[0]], {}, a)
     tl._update([fresh[1]], {}, a)
     assert parent in tl.loc and fresh[0] not in tl.loc  # the older fresh one went instead
-    _check_index(tl)
+    check_books(tl)
     off = SimConfig(2, 2, 256, policy=PolicyConfig(placement_choices=1, replica_budget=0,
                                                    pool_leaf_first=False, placement="segment"))
     tl2 = TokenLake(off, Cluster(2, off.compute))

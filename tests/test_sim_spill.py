@@ -2,6 +2,7 @@
 pool's last copies (``PolicyConfig.spill_margin``), as the live ``pool.spill.Spill``."""
 
 import pytest
+from sim_books import check_books
 
 from sglang_tokenlake.eviction import AwareCache
 from sglang_tokenlake.policy import SPILL_SHARE, PolicyConfig
@@ -55,20 +56,6 @@ def _pool(margin: float, window: float = 0.5) -> TokenLake:
     return TokenLake(cfg, Cluster(3, cfg.compute))
 
 
-def _check_books(tl: TokenLake) -> None:
-    """Every cache holds exactly the keys the location index gives it, and each
-    located key has a parent entry iff it is not a root."""
-    for w, cache in tl.caches.items():
-        assert set(cache.keys()) == {k for k, hs in tl.loc.items() if w in hs}, w
-        assert len(cache) <= cache.capacity
-    assert all(hs for hs in tl.loc.values())
-    counted: dict[int, int] = {}
-    for k, p in tl.parent.items():
-        assert k in tl.loc
-        counted[p] = counted.get(p, 0) + 1
-    assert counted == dict(tl.nkids)
-
-
 def _fill(tl: TokenLake):
     a_id, b_id, c_id = tl.ids
     a = list(range(100, 106))  # 6 segments on A
@@ -89,17 +76,17 @@ def test_a_squeezed_member_spills_its_last_copies_to_the_oldest_data_within_its_
     assert tl.loc[a[5]] == {c_id} and tl.loc[a[4]] == {c_id}
     assert tl.caches[c_id].keys() == [a[5], a[4], 301, 300]
     assert tl._spill_bytes == 2 * tl.cfg.shape.kv_bytes(S) and tl._spilled == 2
-    _check_books(tl)
+    check_books(tl)
     # C has had SPILL_SHARE of its capacity this window; B's data (horizon 18) is not
     # more than twice as old as A's (age 19): the next two are lost.
     assert SPILL_SHARE * 8 == 2
     tl.pressure({0: 6 * S}, 0.1)
     assert a[3] not in tl.loc and a[2] not in tl.loc and tl._spilled == 2
-    _check_books(tl)
+    check_books(tl)
     tl.pressure({0: 7 * S}, 0.6)  # a new window: C receives again
     assert tl.loc[a[1]] == {c_id} and tl._spilled == 3
     assert [k for k in a if k in tl.loc] == [a[0], a[1], a[4], a[5]]
-    _check_books(tl)
+    check_books(tl)
     assert tl.stats()["spilled_segments"] == 3
 
 
@@ -109,7 +96,7 @@ def test_without_a_margin_the_last_copies_leave_the_pool():
     tl.pressure({0: 4 * S}, 0.0)
     assert [k for k in a if k in tl.loc] == a[:4]
     assert tl._spill_bytes == 0 and "spilled_segments" not in tl.stats()
-    _check_books(tl)
+    check_books(tl)
 
 
 def test_a_receiver_evicts_its_own_older_data_and_does_not_spill_it_back():
@@ -126,7 +113,7 @@ def test_a_receiver_evicts_its_own_older_data_and_does_not_spill_it_back():
     # C made room by evicting its two oldest; nobody's data was older than theirs.
     assert c[7] not in tl.loc and c[6] not in tl.loc
     assert tl.caches[c_id].keys() == c[5::-1] + [a[5], a[4]] and tl._spilled == 2
-    _check_books(tl)
+    check_books(tl)
 
 
 def test_spilling_in_a_whole_run_reports_what_it_moved():
@@ -153,7 +140,7 @@ def test_a_leaf_evicted_in_the_same_call_no_longer_protects_its_parent():
     tl._update(y, {}, a_id)  # clock 2
     tl.pressure({0: 2 * S}, 0.0)  # room for 6
     assert [k for k in x + y if k in tl.loc] == [10, 11, 20, 21, 22, 23]
-    _check_books(tl)
+    check_books(tl)
 
 
 def test_a_member_whose_share_is_under_one_segment_receives_nothing():
@@ -164,4 +151,4 @@ def test_a_member_whose_share_is_under_one_segment_receives_nothing():
     tl.horizons.clock = 10
     tl.pressure({0: 2 * S}, 0.0)  # the other member is empty: free room, yet too small a share
     assert [k for k in (1, 2, 3) if k in tl.loc] == [1] and tl._spilled == 0
-    _check_books(tl)
+    check_books(tl)
