@@ -75,11 +75,11 @@ def test_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
 
 def test_the_replay_uses_the_runs_tokenlake_policy_flags():
     from sglang_tokenlake.policy import PolicyConfig
-    from sglang_tokenlake.sim.live import policy_of
+    from sglang_tokenlake.sim.live import pool_config_of
 
-    assert policy_of({}) == PolicyConfig()
-    pol = policy_of({"tokenlake_args": ["--tokenlake-placement", "executor",
-                                        "--tokenlake-replica-budget", "0.1"]})
+    assert pool_config_of({}).policy() == PolicyConfig()
+    pol = pool_config_of({"tokenlake_args": ["--tokenlake-placement", "executor",
+                                             "--tokenlake-replica-budget", "0.1"]}).policy()
     assert pol.placement == "executor" and pol.replica_budget == 0.1
     assert pol == PolicyConfig(placement="executor", replica_budget=0.1)
 

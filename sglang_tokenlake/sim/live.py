@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import xxhash
 
-from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.segments import request_namespace, segment_keys
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import simulate
@@ -110,10 +109,6 @@ def pool_config_of(settings: dict[str, Any]) -> TokenLakeConfig:
     args, _ = parser.parse_known_args([str(a) for a in settings.get("tokenlake_args") or []])
     return TokenLakeConfig.from_cli_args(args)
 
-
-def policy_of(settings: dict[str, Any]) -> PolicyConfig:
-    """The pool policy the run's workers used."""
-    return pool_config_of(settings).policy()
 
 
 def router_of(config: str, settings: dict[str, Any]) -> CacheAwareConfig:
