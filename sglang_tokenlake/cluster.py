@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
@@ -210,6 +210,9 @@ class WorkerSpec:
     device: Optional[str] = None  # None: cpu when CUDA is missing
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # SGLang's torch.distributed rendezvous port; None: SGLang draws one at random in
+    # 22000-29999, and two workers starting together can draw the same one.
+    nccl_port: Optional[int] = None
 
     def argv(self) -> list[str]:
         a = [
@@ -227,6 +230,8 @@ class WorkerSpec:
             a += ["--max-total-tokens", str(self.max_total_tokens)]
         if self.cache_backend == "tokenlake" and self.segment_size:
             a += ["--tokenlake-segment-size", str(self.segment_size)]
+        if self.nccl_port:
+            a += ["--nccl-port", str(self.nccl_port)]
         device = self.device or ("cuda" if cuda_available() else "cpu")
         if device == "cpu":
             a += CPU_FLAGS
@@ -314,9 +319,27 @@ class Worker:
         self.kill(signal.SIGKILL)
 
 
+def with_nccl_ports(specs: Sequence[WorkerSpec]) -> list[WorkerSpec]:
+    """``specs`` with a distinct free ``nccl_port`` for each that has none (here or in
+    its ``extra_args``), clear of every HTTP and broker port of the batch."""
+    taken = [s.port for s in specs] + [s.nccl_port for s in specs if s.nccl_port]
+    out = []
+    for s in specs:
+        if not s.nccl_port and "--nccl-port" not in s.extra_args:
+            s = replace(s, nccl_port=free_port(avoid=taken))
+            taken.append(s.nccl_port)
+        out.append(s)
+    return out
+
+
 def start_workers(specs: Sequence[WorkerSpec], log_dir: Optional[str] = None,
                   timeout: float = 300.0) -> list[Worker]:
-    """Start all workers at once, wait for all; on any failure stop them all."""
+    """Start all workers at once, wait for all; on any failure stop them all.
+
+    Each gets its own ``--nccl-port`` (``with_nccl_ports``): left to SGLang, workers
+    starting together draw theirs independently and may collide (EADDRINUSE).
+    """
+    specs = with_nccl_ports(specs)
     workers = [Worker(s, log_dir, name=f"worker{i}-{s.port}") for i, s in enumerate(specs)]
     try:
         for w in workers:

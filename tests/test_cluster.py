@@ -4,7 +4,14 @@ import itertools
 
 import pytest
 
-from sglang_tokenlake.cluster import BROKER_PORT_OFFSET, PoolSpec, free_port, wait_until
+from sglang_tokenlake.cluster import (
+    BROKER_PORT_OFFSET,
+    PoolSpec,
+    WorkerSpec,
+    free_port,
+    wait_until,
+    with_nccl_ports,
+)
 
 
 def test_pick_gives_distinct_http_and_broker_ports():
@@ -27,6 +34,25 @@ def test_peers_and_worker_args():
     assert PoolSpec((20001,)).peer_args() == []  # a pool of one
     assert PoolSpec.pick(3, base_port=25000).ports == (25000, 25001, 25002)
     assert PoolSpec((1,), host="10.0.0.2").peers == "10.0.0.2:1001"
+
+
+def test_each_worker_of_a_batch_gets_its_own_nccl_port():
+    # Left to SGLang, workers starting together draw their rendezvous port independently
+    # and two of them can take the same one (EADDRINUSE at start-up).
+    pool = PoolSpec.pick(4)
+    specs = pool.worker_specs("m") + [WorkerSpec("m", 12345, nccl_port=23456),
+                                      WorkerSpec("m", 12346, extra_args=["--nccl-port", "23457"])]
+    out = with_nccl_ports(specs)
+    assert [s.port for s in out] == [s.port for s in specs]
+    assert out[4].nccl_port == 23456 and out[5].nccl_port is None  # chosen by the caller: kept
+    drawn = [s.nccl_port for s in out[:4]]
+    every = [*pool.ports, *(p + BROKER_PORT_OFFSET for p in pool.ports), 12345, 12346,
+             12345 + BROKER_PORT_OFFSET, 12346 + BROKER_PORT_OFFSET, 23456]
+    assert len(set(drawn)) == 4 and not set(drawn) & set(every)
+    for s in out[:4]:
+        argv = s.argv()
+        assert argv[argv.index("--nccl-port") + 1] == str(s.nccl_port)
+    assert out[5].argv().count("--nccl-port") == 1
 
 
 def test_wait_until_returns_the_value_or_names_what_it_waited_for():
