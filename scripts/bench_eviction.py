@@ -53,7 +53,7 @@ def run(eviction: str, nodes: int, batch: int, calls: int, seed: int) -> dict:
     return {"eviction": eviction, "nodes": nodes, "batch_segments": batch, "calls": calls,
             "evicted": evicted, "us_per_evicted_segment": round(1e6 * spent / max(evicted, 1), 2),
             "us_per_call": round(1e6 * spent / calls, 1),
-            "evictable_leaves_at_end": len(t._evictable_leaves)}
+            "evictable_leaves_at_end": len(t._leaves)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,6 +182,13 @@ class TokenLakeConfig:
         "(docs/simulator.md); on 4 workers with long documents it kept no more hits "
         "(docs/bench.md).",
     )
+    spill_hops: int = _f(
+        _POLICY.spill_hops,
+        "With --tokenlake-spill-margin: a segment handed over this many times since a "
+        "request last used it is dropped at its next eviction instead of handed on "
+        "(0: no limit). The limit cuts the traffic of data nobody uses, which each "
+        "hand-over puts among the receiver's oldest (docs/simulator.md).",
+    )
     eviction: str = _f(
         _POLICY.eviction,
         "Order in which a worker evicts its cached segments (always leaves first): lru "
@@ -316,6 +323,7 @@ class TokenLakeConfig:
             replan_every=self.replan_every, placement_choices=self.placement_choices,
             pool_leaf_first=self.pool_leaf_first, eviction=self.eviction,
             placement=self.placement, spill_margin=self.spill_margin,
+            spill_hops=self.spill_hops,
         )
 
     def peer_list(self) -> list[str]:

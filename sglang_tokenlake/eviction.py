@@ -19,8 +19,9 @@ descendant is a use of the ancestor too (it is touched with the whole prefix).
 
 ``AwareCache`` is the simulator's block cache with this order (the same interface as
 ``sim.cache.PrefixLRU``): a heap of the evictable leaves with lazy invalidation, O(log n)
-per use and eviction, no scan of the cache. ``SegmentTree`` orders its leaves with
-``aware_priority`` too (``order_key``).
+per use and eviction, no scan of the cache. ``SegmentTree`` keeps its evictable leaves in
+a ``LeafHeap`` (the same idea over tree nodes) ordered by ``order_key``, which uses
+``aware_priority`` too.
 
 Plain Python: no torch, sglang or zmq.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -261,34 +262,98 @@ class AwareCache:
         return first + [k for k in self._d if k not in seen]
 
 
-def evict_order(leaves: Iterable[Any], key: Callable[[Any], tuple], count: int,
-                evictable: Container[Any], drop: Callable[[Any], Any],
-                keep: Optional[Callable[[Any], bool]] = None) -> int:
-    """Drop up to ``count`` tree nodes, lowest ``key`` first, leaf-first; return how many.
+class LeafHeap:
+    """A set of tree nodes in ``key`` order: the tree's evictable leaves.
 
-    ``leaves``: the evictable leaves now; ``evictable``: the live set of them (a node
-    leaves it when dropped or used, its parent joins it when its last child goes);
-    ``drop(node)`` drops one and returns its parent. A node for which ``keep`` is true is
-    passed over while any other can go, and dropped (in order) only after all of them.
-    ``key`` tuples must be unique (end with the node's id).
+    A heap with lazy invalidation: membership changes are O(1) (``add`` pushes a node
+    that was not a member, ``discard`` only forgets it), and a node's entry keeps the
+    key it had when pushed. A use only makes a node's key larger, so ``pop`` compares
+    the top entry with the node's key now and pushes it again where it grew; a caller
+    that makes a member's key smaller (an older ``last_access``, a copy turned
+    transient) calls ``push``, and the larger entry it leaves behind is skipped or, if
+    it comes first, is still no later than the node's true place. Entries of nodes no
+    longer members are dropped as they surface, and the heap is rebuilt when they
+    outnumber the members, so each change costs O(log n) amortized, with no scan.
+    ``key`` may be replaced (``aware``'s horizon moves): entries pushed under the old
+    one are checked against the new one as they surface.
     """
-    heap = [(key(n), n) for n in leaves]
-    heapq.heapify(heap)
-    kept: list[tuple[tuple, Any]] = []
-    done = 0
-    while done < count and (heap or kept):
-        if not heap:  # only passed-over nodes are left: drop them in order
-            heap, kept, keep = kept, [], None
-            heapq.heapify(heap)
-        entry = heapq.heappop(heap)
-        node = entry[1]
-        if node not in evictable:
-            continue
-        if keep is not None and keep(node):
-            kept.append(entry)
-            continue
-        parent = drop(node)
-        done += 1
-        if parent is not None and parent in evictable:
-            heapq.heappush(heap, (key(parent), parent))
-    return done
+
+    def __init__(self, key: Callable[[Any], tuple]) -> None:
+        self.key = key
+        self._members: set[Any] = set()
+        self._heap: list[tuple[tuple, int, Any]] = []
+        self._seq = 0
+
+    def __contains__(self, node: Any) -> bool:
+        return node in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def add(self, node: Any) -> None:
+        if node not in self._members:
+            self._members.add(node)
+            self._push(node)
+
+    def discard(self, node: Any) -> None:
+        self._members.discard(node)
+
+    def push(self, node: Any) -> None:
+        """Re-file a member whose key may have become smaller."""
+        if node in self._members:
+            self._push(node)
+
+    def _push(self, node: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (self.key(node), self._seq, node))
+        if len(self._heap) > 2 * len(self._members) + 64:
+            self._heap = [(self.key(n), i, n) for i, n in enumerate(self._members)]
+            heapq.heapify(self._heap)
+
+    def top(self) -> Any:
+        """The member with the smallest key (None when empty); it stays a member."""
+        heap, key = self._heap, self.key
+        while heap:
+            k, _, node = heap[0]
+            if node not in self._members:
+                heapq.heappop(heap)
+                continue
+            now = key(node)
+            if now > k:  # used since it was pushed: file it where it is now
+                self._seq += 1
+                heapq.heapreplace(heap, (now, self._seq, node))
+                continue
+            return node
+        return None
+
+    def evict(self, count: int, drop: Callable[[Any], Any],
+              keep: Optional[Callable[[Any], bool]] = None) -> int:
+        """Drop up to ``count`` members, smallest key first; return how many.
+
+        ``drop(node)`` drops one; the caller's bookkeeping removes it from this set and
+        ``add``s its parent when that becomes a leaf. A node for which ``keep`` is true
+        is passed over while any other can go, and dropped (in order) only after them.
+        """
+        kept: list[Any] = []
+        done = 0
+        while done < count:
+            node = self.top()
+            if node is None:
+                if not kept:
+                    break
+                for n in kept:  # only passed-over nodes are left: drop them in order
+                    self.push(n)
+                kept, keep = [], None
+                continue
+            heapq.heappop(self._heap)
+            if keep is not None and keep(node):
+                kept.append(node)
+                continue
+            drop(node)
+            done += 1
+        for n in kept:
+            self.push(n)
+        return done

@@ -81,6 +81,12 @@ class PolicyConfig:
     with the largest eviction horizon when that horizon is more than ``spill_margin``
     times the segment's age (how long ago it was last used); 0 never hands one over
     (the default: on longdoc it moved segments without keeping more hits, docs/bench.md)."""
+    spill_hops: int = 8
+    """With ``spill_margin``: a segment handed over this many times since a request last
+    used it is dropped at its next eviction instead (0: no limit). Each hand-over puts a
+    segment among the receiver's oldest, so data nobody uses is otherwise handed on and
+    on; 8 kept as many hits as no limit with less traffic (chosen on the first half of the
+    conversation trace, docs/simulator.md)."""
 
     def __post_init__(self) -> None:
         check_eviction(self.eviction)
@@ -95,6 +101,9 @@ class PolicyConfig:
             raise ValueError("replan_every and placement_choices must be >= 1")
         if not (self.spill_margin == 0 or self.spill_margin >= 1):  # NaN fails both
             raise ValueError(f"spill_margin must be 0 (off) or >= 1, got {self.spill_margin}")
+        if not (isinstance(self.spill_hops, int) and self.spill_hops >= 0):
+            raise ValueError(f"spill_hops must be an integer >= 0 (0: no limit), "
+                             f"got {self.spill_hops!r}")
 
     def heavy_hitters(self) -> HeavyHitters:
         """A fresh heavy-hitter estimate with these parameters."""
@@ -226,14 +235,16 @@ class PoolPolicy:
         segment's last copy and some child segment is cached somewhere."""
         return self.cfg.pool_leaf_first and has_cached_children and other_holders == 0
 
-    def spill_to(self, age: float, horizons: Mapping[str, float]) -> str | None:
-        """Where the last copy of a segment last used ``age`` ago goes instead of leaving
-        the pool: the member of ``horizons`` (the others, same clock) with the largest
-        horizon, when that is more than ``spill_margin`` times ``age`` (ties: smallest
-        id); else None. Each hand-over moves a segment to older data than its own, so
-        a chain of them ends."""
+    def spill_to(self, age: float, horizons: Mapping[str, float], hops: int = 0) -> str | None:
+        """Where the last copy of a segment last used ``age`` ago, and handed over ``hops``
+        times since, goes instead of leaving the pool: the member of ``horizons`` (the
+        others, same clock) with the largest horizon, when that is more than
+        ``spill_margin`` times ``age`` (ties: smallest id); else None, and None once
+        ``hops`` reaches ``spill_hops``. Each hand-over moves a segment to older data than
+        its own, so a chain of them ends; the hop limit ends it sooner for data nobody
+        uses, which would otherwise push older data on at every step."""
         m = self.cfg.spill_margin
-        if m <= 0 or not horizons:
+        if m <= 0 or not horizons or 0 < self.cfg.spill_hops <= hops:
             return None
         top = max(horizons.values())
         if not top > m * max(age, 0.0):

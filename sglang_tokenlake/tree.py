@@ -29,31 +29,19 @@ Plain Python: no torch, sglang or zmq. The tree never frees memory itself;
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sglang_tokenlake.eviction import AwareParams, check_eviction, evict_order, order_key
+from sglang_tokenlake.eviction import AwareParams, LeafHeap, check_eviction, order_key
 from sglang_tokenlake.segments import SegmentKey
 
 
 class SegmentNode:
-    __slots__ = (
-        "key",
-        "parent",
-        "children",
-        "depth",
-        "tokens",
-        "value",
-        "owners",
-        "nlocal",
-        "designated",
-        "lock_ref",
-        "last_access",
-        "hits",
-        "id",
-    )
+    __slots__ = ("key", "parent", "children", "depth", "tokens", "value", "owners", "nlocal",
+                 "designated", "lock_ref", "last_access", "hits", "id", "spilled")
 
     def __init__(
         self, key: SegmentKey, parent: Optional[SegmentNode], depth: int, node_id: int
@@ -71,6 +59,9 @@ class SegmentNode:
         self.last_access = 0
         self.hits = 0
         self.id = node_id
+        # (times handed over by spilling, last_access when it arrived): the count holds
+        # while last_access does, so a request's use resets it (``pool.spill``).
+        self.spilled: Optional[tuple[int, int]] = None
 
     @property
     def is_local(self) -> bool:
@@ -122,7 +113,10 @@ class SegmentTree:
         self._tick = 0
         self.local_nodes = 0
         self.locked_nodes = 0  # local nodes with lock_ref > 0
-        self._evictable_leaves: set[SegmentNode] = set()
+        # Evictable leaves in eviction order and by age; local transient copies.
+        self._leaves = LeafHeap(order_key(self.eviction, 0.0, self.aware))
+        self._ages = LeafHeap(lambda n: (n.last_access, n.id))
+        self._transient: set[SegmentNode] = set()
 
     @property
     def cached_tokens(self) -> int:
@@ -155,13 +149,8 @@ class SegmentTree:
             node = child
         return path
 
-    def match(
-        self,
-        keys: Sequence[SegmentKey],
-        raw_tokens: Optional[bytes] = None,
-        *,
-        touch: bool = True,
-    ) -> list[SegmentNode]:
+    def match(self, keys: Sequence[SegmentKey], raw_tokens: Optional[bytes] = None, *,
+              touch: bool = True) -> list[SegmentNode]:
         """The longest prefix of ``keys`` held locally, as a path of nodes.
 
         With ``raw_tokens`` (the int64 bytes of the tokens, at least
@@ -199,14 +188,8 @@ class SegmentTree:
         self.nodes[key] = child
         return child
 
-    def insert(
-        self,
-        keys: Sequence[SegmentKey],
-        raw_tokens: bytes,
-        values: Sequence[Any],
-        *,
-        designated: Optional[Sequence[bool]] = None,
-    ) -> InsertOutcome:
+    def insert(self, keys: Sequence[SegmentKey], raw_tokens: bytes, values: Sequence[Any], *,
+               designated: Optional[Sequence[bool]] = None) -> InsertOutcome:
         """Make segments ``0..len(keys)-1`` local, taking ``values[i]`` where needed.
 
         Args:
@@ -238,6 +221,8 @@ class SegmentTree:
                 child.value = values[i]
                 child.tokens = seg_tokens
                 child.designated = True if designated is None else bool(designated[i])
+                if not child.designated:
+                    self._transient.add(child)
                 node.nlocal += 1
                 self.local_nodes += 1
                 if child.lock_ref > 0:
@@ -286,9 +271,19 @@ class SegmentTree:
         if node is self.root:
             return
         if node.value is not None and node.lock_ref == 0 and node.nlocal == 0:
-            self._evictable_leaves.add(node)
+            self._leaves.add(node)
+            self._ages.add(node)
         else:
-            self._evictable_leaves.discard(node)
+            self._leaves.discard(node)
+            self._ages.discard(node)
+
+    def set_designated(self, node: SegmentNode, designated: bool) -> None:
+        """Make a node's local copy designated or transient (its eviction class)."""
+        if node.designated != designated:
+            node.designated = designated
+            if node.value is not None:
+                (self._transient.discard if designated else self._transient.add)(node)
+                self._leaves.push(node)
 
     def evict(self, num_tokens: int, keep: Optional[Callable[[SegmentNode], bool]] = None,
               before_drop: Optional[Callable[[SegmentNode], None]] = None,
@@ -317,22 +312,21 @@ class SegmentTree:
             return parent
 
         count = -(-num_tokens // self.segment_size)
-        if self.local_nodes > len(self._evictable_leaves):
-            spare = [n for n in self.nodes.values()
-                     if n.value is not None and not n.designated and n.owners and n.lock_ref == 0]
-            spare.sort(key=lambda n: (n.last_access, n.id))
-            for node in spare[:count]:
+        if self._transient:  # transient copies only, not the whole tree
+            for node in heapq.nsmallest(count, (n for n in self._transient
+                                                if n.owners and n.lock_ref == 0),
+                                        key=lambda n: (n.last_access, n.id)):
                 drop(node)
-        life = self._tick - (self.oldest_access() or 0) if self.eviction == "aware" else 0.0
-        evict_order(self._evictable_leaves, order_key(self.eviction, life, self.aware),
-                    count - len(out), self._evictable_leaves, drop, keep)
+        if self.eviction == "aware":  # the bonus is in units of the current horizon
+            self._leaves.key = order_key("aware", self._tick - (self.oldest_access() or 0),
+                                         self.aware)
+        self._leaves.evict(count - len(out), drop, keep)
         return out
 
     def oldest_access(self) -> Optional[int]:
         """``last_access`` of the least recently used evictable leaf (None: none)."""
-        if not self._evictable_leaves:
-            return None
-        return min(n.last_access for n in self._evictable_leaves)
+        node = self._ages.top()
+        return None if node is None else node.last_access
 
     @property
     def clock(self) -> int:
@@ -357,7 +351,9 @@ class SegmentTree:
         node.value = None
         node.tokens = None
         self.local_nodes -= 1
-        self._evictable_leaves.discard(node)
+        self._leaves.discard(node)
+        self._ages.discard(node)
+        self._transient.discard(node)
         parent = node.parent
         if parent is not None:
             parent.nlocal -= 1
@@ -368,13 +364,8 @@ class SegmentTree:
 
     def _prune(self, node: SegmentNode) -> None:
         """Remove ``node`` (and empty ancestors) once nothing refers to it."""
-        while (
-            node is not self.root
-            and node.value is None
-            and not node.owners
-            and not node.children
-            and node.lock_ref == 0
-        ):
+        while (node is not self.root and node.value is None and not node.owners
+               and not node.children and node.lock_ref == 0):
             parent = node.parent
             assert parent is not None
             del parent.children[node.key]
@@ -417,10 +408,10 @@ class SegmentTree:
                 self._prune(n)
         return len(held)
 
-    def adopt(
-        self, keys: Sequence[SegmentKey], value: Any, tokens: bytes, *, designated: bool
-    ) -> tuple[SegmentNode, bool]:
-        """Make segment ``len(keys) - 1`` local with ``value`` (creating path nodes).
+    def adopt(self, keys: Sequence[SegmentKey], value: Any, tokens: bytes, *, designated: bool,
+              last_access: Optional[int] = None) -> tuple[SegmentNode, bool]:
+        """Make segment ``len(keys) - 1`` local with ``value`` (creating path nodes),
+        used now or, with ``last_access``, no later than that reading of ``clock``.
 
         Returns ``(node, adopted)``; ``adopted`` is False when the segment was
         local already (the caller keeps ``value`` and frees it).
@@ -434,11 +425,15 @@ class SegmentTree:
         node.value = value
         node.tokens = tokens
         node.designated = designated
+        if not designated:
+            self._transient.add(node)
         node.parent.nlocal += 1
         self.local_nodes += 1
         if node.lock_ref > 0:
             self.locked_nodes += 1
         node.last_access = self._touch()
+        if last_access is not None:
+            node.last_access = min(node.last_access, last_access)
         self._update_leaf(node)
         self._update_leaf(node.parent)
         return node, True
@@ -478,7 +473,7 @@ class SegmentTree:
     def check(self) -> None:
         """Recount everything from the nodes and compare with the counters."""
         local = locked = 0
-        leaves = set()
+        leaves, transient = set(), set()
         seen = 0
         for n in self.iter_nodes():
             seen += 1
@@ -491,10 +486,13 @@ class SegmentTree:
                 assert n.tokens is not None and len(n.tokens) == self.segment_size * 8, n
                 if n.lock_ref == 0 and n.nlocal == 0:
                     leaves.add(n)
+                if not n.designated:
+                    transient.add(n)
             assert n.nlocal == sum(c.value is not None for c in n.children.values()), n
             for c in n.children.values():
                 assert c.lock_ref <= n.lock_ref, (c, n)  # a lock covers the whole path
         assert local == self.local_nodes, (local, self.local_nodes)
         assert locked == self.locked_nodes, (locked, self.locked_nodes)
-        assert leaves == self._evictable_leaves, (len(leaves), len(self._evictable_leaves))
+        assert leaves == set(self._leaves) == set(self._ages), (len(leaves), len(self._leaves))
+        assert transient == self._transient, (len(transient), len(self._transient))
         assert seen == len(self.nodes), (seen, len(self.nodes))

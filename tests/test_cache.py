@@ -315,7 +315,7 @@ def test_evictions_count_transient_copies_and_the_pools_last_copies():
     sched.finish(r)
     nodes = cache.tree.match(*cache._key_chain(_key(list(range(1, 41)))))
     assert len(nodes) == 5
-    nodes[4].designated = False  # a copy of a segment homed at w2, which holds it
+    cache.tree.set_designated(nodes[4], False)  # a copy of a segment homed at w2, which holds it
     nodes[4].owners.add("w2")
     nodes[3].owners.add("w3")  # a replica: w3 holds it too
     # the transient copy goes first, then the leaf under it, which w3 still holds

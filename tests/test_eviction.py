@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from sglang_tokenlake.config import TokenLakeConfig
-from sglang_tokenlake.eviction import AwareCache, AwareParams, aware_priority, evict_order
+from sglang_tokenlake.eviction import AwareCache, AwareParams, LeafHeap, aware_priority
 from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.segments import namespace_seed, segment_bytes, segment_keys
 from sglang_tokenlake.sim.__main__ import split
@@ -138,22 +138,67 @@ def test_tree_aware_never_breaks_leaf_first():
     assert t.cached_tokens == 0
 
 
-def test_evict_order_passes_over_kept_nodes_last():
-    class N:
-        def __init__(self, i):
-            self.id, self.parent = i, None
+class _N:
+    def __init__(self, i, t):
+        self.id, self.t = i, t
 
-    ns = [N(i) for i in range(4)]
-    live = set(ns)
+
+def test_leaf_heap_passes_over_kept_nodes_last():
+    ns = [_N(i, i) for i in range(4)]
+    h = LeafHeap(lambda n: (n.t, n.id))
+    for n in ns:
+        h.add(n)
     dropped = []
 
     def drop(n):
-        live.discard(n)
+        h.discard(n)
         dropped.append(n.id)
-        return None
 
-    assert evict_order(list(live), lambda n: (n.id,), 3, live, drop, keep=lambda n: n.id < 2) == 3
-    assert dropped == [2, 3, 0]
+    assert h.evict(3, drop, keep=lambda n: n.id < 2) == 3
+    assert dropped == [2, 3, 0] and set(h) == {ns[1]}
+    assert h.evict(5, drop) == 1 and dropped[-1] == 1 and len(h) == 0 and h.top() is None
+
+
+def test_leaf_heap_follows_keys_that_grow_and_keys_pushed_smaller():
+    ns = [_N(i, 10 + i) for i in range(5)]
+    h = LeafHeap(lambda n: (n.t, n.id))
+    for n in ns:
+        h.add(n)
+    ns[0].t = 99  # used: found where it is now when it surfaces
+    assert h.top() is ns[1]
+    ns[4].t = 1  # made older: its owner says so
+    h.push(ns[4])
+    h.discard(ns[2])  # no longer a leaf
+    order = []
+    while (n := h.top()) is not None:
+        order.append(n.id)
+        h.discard(n)
+    assert order == [4, 1, 3, 0]
+    # a parent that becomes a leaf during an eviction joins in order
+    a, b, c = _N(0, 5), _N(1, 1), _N(2, 3)
+    h = LeafHeap(lambda n: (n.t, n.id))
+    h.add(b)
+    h.add(c)
+    dropped = []
+
+    def drop(n):
+        h.discard(n)
+        dropped.append(n.id)
+        if n is b:
+            h.add(a)  # b's parent
+
+    assert h.evict(3, drop) == 3 and dropped == [1, 2, 0]
+
+
+def test_leaf_heap_stays_small_under_churn():
+    ns = [_N(i, i) for i in range(10)]
+    h = LeafHeap(lambda n: (n.t, n.id))
+    for _ in range(1000):  # a hot prefix locked and unlocked by every request
+        for n in ns:
+            h.discard(n)
+            h.add(n)
+    assert len(h._heap) <= 2 * len(ns) + 64 + 1
+    assert h.top() is ns[0]
 
 
 def test_config_feeds_the_policy_and_the_tree():

@@ -15,7 +15,7 @@ from pool_fakes import LAYERS, SEED, FakeNet, kv_of, make_pool
 
 from sglang_tokenlake import kvio
 from sglang_tokenlake.policy import PolicyConfig, PoolPolicy
-from sglang_tokenlake.pool.spill import chains
+from sglang_tokenlake.pool.spill import chains, hops_of
 from sglang_tokenlake.segments import keys_from_bytes, segment_bytes
 
 S = 4
@@ -85,6 +85,9 @@ def test_a_last_copy_moves_to_the_member_with_older_data_which_evicts_that_inste
     assert (a.stats.evicted_segments, a.stats.evicted_last_copies) == (2, 0)
     assert (b.stats.evicted_segments, b.stats.evicted_last_copies) == (2, 2)
     assert b.pool.counters.snapshot().get("spilled_segments", 0) == 0
+    # each arrived handed over once since its last use (the put's ``hops``)
+    for k in (ky[6], ky[7]):
+        assert b.tree.nodes[k].spilled == (1, b.tree.nodes[k].last_access) and hops_of(b.tree.nodes[k]) == 1
     _poll(hosts)  # announcements: A now knows B holds Y's tail, B knows A holds its head
     assert a.tree.nodes[ky[7]].owners == {B} and a.tree.nodes[ky[7]].value is None
     assert b.tree.nodes[ky[5]].owners == {A} and b.tree.nodes[ky[5]].value is None
@@ -122,6 +125,51 @@ def test_a_spill_that_fails_loses_the_segment_and_its_owner_entry():
     assert c["spill_puts"] == 1 and c["spill_failures"] == 2 and c.get("spilled_segments", 0) == 0
     assert ky[7] not in a.tree.nodes and ky[6] not in a.tree.nodes  # no owner is left
     assert a.pool.transfers.remote_run(ky, segment_bytes(Y, S), 6) == []
+    for h in hosts.values():
+        h.check()
+
+
+def test_a_segment_handed_over_spill_hops_times_since_its_last_use_is_dropped():
+    net = FakeNet()
+    hosts = _scene(net, spill_hops=2)
+    a, b = hosts[A], hosts[B]
+    ky = _keys(Y)
+    n6, n7 = a.tree.nodes[ky[6]], a.tree.nodes[ky[7]]
+    n7.spilled = (2, n7.last_access)  # arrived by its second hand-over, unused since
+    n6.spilled = (2, n6.last_access - 1)  # the same, but a request used it since: reset
+    assert (hops_of(n7), hops_of(n6)) == (2, 0)
+    a.compute(Z)
+    assert a.evicted == [ky[7], ky[6]]
+    c = a.pool.counters.snapshot()
+    assert c["spilled_segments"] == 1 and c["spill_puts"] == 1
+    assert ky[7] not in a.tree.nodes and a.tree.nodes[ky[6]].owners == {B}
+    assert a.stats.evicted_last_copies == 1  # ky[7] left the pool
+    assert b.tree.nodes[ky[6]].value is not None and hops_of(b.tree.nodes[ky[6]]) == 1
+    assert b.tree.nodes[ky[7]].value is None  # (B knew it only as A's)
+    # a use at the receiver resets the count
+    b.tree.used([b.tree.nodes[ky[6]]])
+    assert hops_of(b.tree.nodes[ky[6]]) == 0
+    for h in hosts.values():
+        h.check()
+
+
+def test_a_put_with_malformed_hops_is_refused_and_stores_nothing():
+    net = FakeNet()
+    hosts = make_pool(net, [A, B], capacity=32, heartbeat_interval=0.05)
+    net.heartbeat()
+    w = list(range(5000, 5008))
+    kw = hosts[A].compute(w)
+    kv = [kvio.gather(hosts[A].kv, _slots(hosts[A], k)).numpy() for k in kw]
+    tok = segment_bytes(w, S)
+    head = {"from": A, "keys": kw, "segs": [0, 1], "tokens": [tok[: S * 8], tok[S * 8 :]]}
+    agent = hosts[A].pool.agent
+    for bad in ([1], [1, -1], [1, "2"], 3):
+        with pytest.raises(Exception, match="hops"):
+            agent.request(B, "put", dict(head, hops=bad), kv).result()
+    assert not any(n.value is not None for n in hosts[B].tree.nodes.values())
+    assert agent.request(B, "put", dict(head, hops=[3, 0]), kv).result().header["held"] == [0, 1]
+    n0, n1 = hosts[B].tree.nodes[kw[0]], hosts[B].tree.nodes[kw[1]]
+    assert (hops_of(n0), n1.spilled) == (3, None)  # 0 hops: nothing recorded
     for h in hosts.values():
         h.check()
 
@@ -184,16 +232,23 @@ def test_spill_to_picks_the_oldest_data_beyond_the_margin():
     assert off.spill_to(0.0, {B: math.inf}) is None
     with pytest.raises(ValueError, match="spill_margin"):
         PolicyConfig(spill_margin=0.5)
+    limited = PoolPolicy(PolicyConfig(spill_margin=2.0, spill_hops=2), S, {A: 1.0, B: 1.0})
+    assert limited.spill_to(1.0, {B: 3.0}, hops=1) == B
+    assert limited.spill_to(1.0, {B: 3.0}, hops=2) is None  # handed over twice since its use
+    assert pol.spill_to(1.0, {B: 3.0}, hops=7) == B  # the default limit: 8
+    assert pol.spill_to(1.0, {B: 3.0}, hops=8) is None
+    unlimited = PoolPolicy(PolicyConfig(spill_margin=2.0, spill_hops=0), S, {A: 1.0, B: 1.0})
+    assert unlimited.spill_to(1.0, {B: 3.0}, hops=1000) == B
+    for bad in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="spill_hops"):
+            PolicyConfig(spill_hops=bad)
 
 
 def test_chains_groups_segments_by_the_chain_they_lie_on():
     k = [11, 12, 13, 14]
     other = [11, 22]
-    items = [(k[:4], "t3", "b3", 1.0), (k[:3], "t2", "b2", 2.0), (other, "u1", "c1", 0.5),
-             (k[:1], "t0", "b0", 3.0)]
+    items = [(k[:4], "s3"), (k[:3], "s2"), (other, "u1"), (k[:1], "s0")]
     got = chains(items)
-    assert got == [(k, {3: ("t3", "b3", 1.0), 2: ("t2", "b2", 2.0), 0: ("t0", "b0", 3.0)}),
-                   (other, {1: ("u1", "c1", 0.5)})]
+    assert got == [(k, {3: "s3", 2: "s2", 0: "s0"}), (other, {1: "u1"})]
     # a shallower segment first, then a deeper one on the same chain: the chain grows
-    assert chains([(k[:2], "a", "x", 1.0), (k, "b", "y", 1.0)]) == [
-        (k, {1: ("a", "x", 1.0), 3: ("b", "y", 1.0)})]
+    assert chains([(k[:2], "a"), (k, "b")]) == [(k, {1: "a", 3: "b"})]

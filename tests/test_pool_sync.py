@@ -117,7 +117,7 @@ def test_events_that_arrive_during_a_sync_are_applied_on_top_of_it():
         if len(calls) == 3:  # between pages: A's index changes, and A says so
             gone = [k for k in docs[2][20:40] if a.tree.nodes[k].designated]
             for k in gone:
-                a.tree.nodes[k].designated = False
+                a.tree.set_designated(a.tree.nodes[k], False)
             a.pool.index.retract(gone)
             new = grow(a, 1, 30, seed=7, shared=0)[0]
             a.pool.index.announce(new, [i for i, k in enumerate(new) if a.tree.nodes[k].designated])

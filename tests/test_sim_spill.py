@@ -152,3 +152,30 @@ def test_a_member_whose_share_is_under_one_segment_receives_nothing():
     tl.pressure({0: 2 * S}, 0.0)  # the other member is empty: free room, yet too small a share
     assert [k for k in (1, 2, 3) if k in tl.loc] == [1] and tl._spilled == 0
     check_books(tl)
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+def test_a_segment_handed_over_spill_hops_times_is_dropped_at_its_next_eviction(hops):
+    cfg = SimConfig(3, 8, S, policy=PolicyConfig(replica_budget=0, spill_margin=1.0,
+                                                 spill_hops=hops))
+    tl = TokenLake(cfg, Cluster(3, cfg.compute))
+    a_id, b_id, c_id = tl.ids
+    b = list(range(200, 208))
+    tl._update(b, {}, b_id)  # clock 1: B full with the oldest data
+    a = list(range(100, 106))
+    tl._update(a, {}, a_id)  # clock 2
+    tl._update([300, 301], {}, c_id)  # clock 3: C has room
+    tl.horizons.clock = 20
+    tl.pressure({0: 4 * S}, 0.0)  # A's deepest two (age 18) go to C (free room)
+    assert tl.loc[a[5]] == {c_id} and tl.loc[a[4]] == {c_id} and tl._spilled == 2
+    check_books(tl)
+    # C squeezed in a new window: they are its oldest; B's data (horizon 19) is older.
+    tl.pressure({2: 6 * S}, 0.6)
+    if hops == 0:  # no limit: on to B; then a[4], the last copy of a[5]'s parent, stays
+        # (pool-wide leaf-first) and C's next oldest leaf (age 17) goes to B too
+        assert tl.loc[a[5]] == {b_id} and tl.loc[a[4]] == {c_id} and tl.loc[301] == {b_id}
+        assert tl._spilled == 4
+    else:  # handed over once already: dropped, and then its parent
+        assert a[5] not in tl.loc and a[4] not in tl.loc and tl._spilled == 2
+        assert tl._hops == {}
+    check_books(tl)

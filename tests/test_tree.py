@@ -188,3 +188,50 @@ def test_many_random_operations_keep_counters_exact():
     check(t)
     t.evict(10**9)
     assert t.cached_tokens == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_each_eviction_takes_the_leaf_a_full_scan_would(seed):
+    # The tree keeps its evictable leaves in a heap that is updated lazily; whatever was
+    # used, locked, unlocked, made transient or aged since, each eviction must take the
+    # leaf that sorting every evictable leaf (transient first, then least recently used)
+    # would take.
+    import random
+
+    rng = random.Random(seed)
+    t = SegmentTree(S)
+    locked = []
+    prefixes = [[rng.randrange(4) for _ in range(S * rng.randint(1, 6))] for _ in range(40)]
+    for step in range(3000):
+        op = rng.random()
+        toks = rng.choice(prefixes)
+        if op < 0.3:
+            insert(t, toks, f"s{step}-")
+        elif op < 0.45:
+            t.match(*chain(toks))  # a use
+        elif op < 0.55:
+            path = t.match(*chain(toks))
+            if path:
+                t.lock(path[-1])
+                locked.append(path[-1])
+        elif op < 0.65 and locked:
+            t.unlock(locked.pop(rng.randrange(len(locked))))
+        elif op < 0.75:
+            local = [n for n in t.iter_nodes() if n.is_local]
+            if local:
+                t.set_designated(rng.choice(local), rng.random() < 0.5)
+        elif op < 0.8:
+            keys, raw = chain(toks)
+            i = len(keys) - 1
+            t.adopt(keys, f"a{step}", raw[i * S * 8:(i + 1) * S * 8], designated=True,
+                    last_access=rng.randrange(t.clock + 1))  # a spilled copy, aged
+        else:
+            leaves = [n for n in t.iter_nodes()
+                      if n.is_local and n.lock_ref == 0 and n.nlocal == 0]
+            want = min(leaves, key=lambda n: (n.designated, n.last_access, n.id), default=None)
+            assert t.oldest_access() == min((n.last_access for n in leaves), default=None)
+            got = t.evict(S)
+            assert [n for n, _ in got] == ([want] if want is not None else [])
+        if step % 100 == 0:
+            check(t)
+    check(t)

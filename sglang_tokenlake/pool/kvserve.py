@@ -111,8 +111,11 @@ class SegmentServer:
             return
         h, bufs = req.msg.header, req.msg.buffers
         keys, segs, toks, age = h.get("keys"), h.get("segs"), h.get("tokens"), h.get("age")
+        hops = h.get("hops")
         ok = (
             (age is None or (isinstance(age, (int, float)) and 0 <= age < math.inf))
+            and (hops is None or (int_list(hops) and len(hops) == len(segs or ())
+                                  and min(hops, default=0) >= 0))
             and check_keys(keys) is None and int_list(segs) and len(set(segs)) == len(segs)
             and isinstance(toks, list) and len(toks) == len(segs) == len(bufs)
             and all(0 <= i < len(keys) for i in segs)
@@ -121,8 +124,8 @@ class SegmentServer:
         )
         if not ok:
             self.counters.add("malformed")
-            req.error("put: malformed segments (keys, segs, tokens and KV buffers must "
-                      "agree; age, if given, seconds >= 0)")
+            req.error("put: malformed segments (keys, segs, tokens, KV buffers and hops "
+                      "must agree; age, if given, seconds >= 0; hops counts >= 0)")
             return
         bad = put_key_mismatch(keys, segs, toks, self.S, h.get("seed"))
         if bad is not None:  # a key that is not its tokens' chained hash: nothing is stored
@@ -137,11 +140,11 @@ class SegmentServer:
                 self.counters.add("refused_chain_conflicts")
                 req.error("put: the key chain disagrees with this worker's tree")
                 return
-            for i, tok, data in zip(segs, toks, datas):
+            for j, (i, tok, data) in enumerate(zip(segs, toks, datas)):
                 node = self.tree.nodes.get(keys[i])
                 if node is not None and node.value is not None:
                     if not node.designated:
-                        node.designated = True
+                        self.tree.set_designated(node, True)
                         self.index.announce_node(node)
                     held.append(i)
                     continue
@@ -150,9 +153,12 @@ class SegmentServer:
                     self.counters.add("put_refused_full")
                     break
                 kvio.scatter(self.kvcache, slots, data, self.layout)
-                node, _ = self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True)
-                if age is not None and self.clock_at is not None:  # as old as at its sender
-                    node.last_access = min(node.last_access, self.clock_at(float(age)))
+                old = (self.clock_at(float(age))  # as old as at its sender
+                       if age is not None and self.clock_at is not None else None)
+                node, _ = self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True,
+                                          last_access=old)
+                if hops and hops[j]:  # handed over by spilling: the count holds until a request uses it
+                    node.spilled = (hops[j], node.last_access)
                 self.index.announce(list(keys[: i + 1]), [i])
                 stored += 1
                 held.append(i)

@@ -246,7 +246,7 @@ class PoolLink:
             return
         if not d and self.transfers.migrate(node):
             return  # the pool's only copy: designated here until its new home holds it
-        node.designated = d
+        self.tree.set_designated(node, d)
         if d:
             self.index.announce_node(node)
         else:  # no longer one of its homes: first to evict, no longer announced
@@ -266,10 +266,10 @@ class PoolLink:
             if not adopted:
                 continue
             if alone:
-                node.designated = True
+                self.tree.set_designated(node, True)
                 held.append(i)
             elif self.homes_hold(node):
-                node.designated = False  # its homes hold it already: a transient copy
+                self.tree.set_designated(node, False)  # its homes hold it: a transient copy
                 if not self.config.transient_copies:
                     self.transfers.drop.add(node)
             else:
@@ -277,7 +277,7 @@ class PoolLink:
         targets = self.targets_of([out.path[i].key for i in new]) if new else {}
         for i in new:
             node = out.path[i]
-            node.designated = targets[node.key] == self.self_id
+            self.tree.set_designated(node, targets[node.key] == self.self_id)
             if node.designated:
                 held.append(i)
             else:

@@ -9,7 +9,9 @@ instead, when ``PoolPolicy.spill_to`` finds that member's oldest data more than
 ``spill_margin`` times older than the segment. That member stores it as a ``put``
 (at the segment's own age in its LRU order, ``age`` in the header) and evicts its
 oldest data to make room, so the pool as a whole drops its least recently used
-segments, as one LRU cache over all members' memory would.
+segments, as one LRU cache over all members' memory would. With ``spill_hops`` a
+segment handed over that many times since a request last used it is dropped instead
+(the count travels in the put header, ``hops``, and lives on the node, ``spilled``).
 
 The KV is read while the segment is still in place (``before_drop``, called by the
 tree's eviction under the slot mutex) and sent once the eviction is over (``send``).
@@ -63,8 +65,8 @@ class Spill:
         self.counters = counters
         self.S = host.segment_size
         self.kvcache = host.kv_store()
-        # (member, [chain keys], tokens, KV bytes, age s), gathered during an eviction
-        self._pending: list[tuple[str, list[int], bytes, np.ndarray, float]] = []
+        # (member, [chain keys], (tokens, KV bytes, age s, hops)), gathered during an eviction
+        self._pending: list[tuple[str, list[int], tuple[bytes, np.ndarray, float, int]]] = []
         self._sent: dict[str, tuple[float, int]] = {}  # member -> (window start, tokens)
 
     def hook(self) -> Optional[Callable[[SegmentNode], None]]:
@@ -85,13 +87,14 @@ class Spill:
                     if m != self.view.self_id and m in alive and h == h and self.view.usable(m)
                     and self._room(m, alive[m], now)}
         age = self.view.age_of(node.last_access)
-        target = self.policy.spill_to(age, horizons)
+        hops = hops_of(node)
+        target = self.policy.spill_to(age, horizons, hops)
         if target is None:
             return
         base, off = node.value
         buf = kvio.gather(self.kvcache, base[off : off + self.S]).numpy()
         keys = [n.key for n in self.tree.path_to(node)]
-        self._pending.append((target, keys, node.tokens, buf, age))
+        self._pending.append((target, keys, (node.tokens, buf, age, hops + 1)))
         # The target holds it from now on as far as this worker knows: the node stays as
         # a remote entry (until the put fails), and its parent, the last copy of a
         # segment whose child is cached elsewhere, falls under the pool-wide leaf-first rule.
@@ -111,9 +114,9 @@ class Spill:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        by_target: dict[str, list[tuple[list[int], bytes, np.ndarray, float]]] = defaultdict(list)
-        for target, keys, tokens, buf, age in pending:
-            by_target[target].append((keys, tokens, buf, age))
+        by_target: dict[str, list[tuple[list[int], tuple]]] = defaultdict(list)
+        for target, keys, seg in pending:
+            by_target[target].append((keys, seg))
         for target, items in by_target.items():
             for chain, segs in chains(items):
                 idxs = sorted(segs)
@@ -122,10 +125,11 @@ class Spill:
                     self._put(target, chain[: part[-1] + 1], part, [segs[i] for i in part])
 
     def _put(self, target: str, keys: list[int], idxs: list[int],
-             segs: Sequence[tuple[bytes, np.ndarray, float]]) -> None:
+             segs: Sequence[tuple[bytes, np.ndarray, float, int]]) -> None:
         header = {"from": self.view.self_id, "keys": keys, "segs": idxs,
-                  "tokens": [t for t, _, _ in segs], "age": min(a for _, _, a in segs)}
-        bufs = [b for _, b, _ in segs]
+                  "tokens": [s[0] for s in segs], "age": min(s[2] for s in segs),
+                  "hops": [s[3] for s in segs]}
+        bufs = [s[1] for s in segs]
         fut = self.agent.request(target, "put", header, bufs,
                                  timeout=self.config.pull_timeout * 2)
         self.counters.add("spill_puts")
@@ -143,21 +147,27 @@ class Spill:
         fut.add_done_callback(done)
 
 
-def chains(items: Sequence[tuple[list[int], Any, Any, float]]) -> list[tuple[list[int], dict[int, tuple]]]:
+def hops_of(node: SegmentNode) -> int:
+    """Times ``node`` was handed over by spilling since a request last used it."""
+    s = node.spilled
+    return s[0] if s is not None and s[1] == node.last_access else 0
+
+
+def chains(items: Sequence[tuple[list[int], Any]]) -> list[tuple[list[int], dict[int, Any]]]:
     """Group segments (each with its key chain from the root) by the chain they lie on:
-    ``(longest chain, {depth: (tokens, KV, age)})`` per group. A leaf-first eviction
-    drops a chain's segments deepest first, so most of them join the first group."""
-    groups: list[tuple[list[int], dict[int, tuple]]] = []
-    for keys, tokens, buf, age in items:
+    ``(longest chain, {depth: segment})`` per group. A leaf-first eviction drops a
+    chain's segments deepest first, so most of them join the first group."""
+    groups: list[tuple[list[int], dict[int, Any]]] = []
+    for keys, seg in items:
         d = len(keys) - 1
         for i, (chain, segs) in enumerate(groups):
             if d < len(chain) and chain[d] == keys[d]:  # on this chain
-                segs[d] = (tokens, buf, age)
+                segs[d] = seg
                 break
             if len(chain) <= d and keys[len(chain) - 1] == chain[-1]:  # extends it
-                segs[d] = (tokens, buf, age)
+                segs[d] = seg
                 groups[i] = (keys, segs)
                 break
         else:
-            groups.append((keys, {d: (tokens, buf, age)}))
+            groups.append((keys, {d: seg}))
     return groups

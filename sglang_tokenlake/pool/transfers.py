@@ -137,7 +137,7 @@ class Transfers:
                 continue  # evicted meanwhile
             n.owners.add(home)
             if migrate and n.value is not None and n.designated and not self.view.designated(n):
-                n.designated = False
+                self.tree.set_designated(n, False)
                 self.index.retract([n.key])
             if not self.config.transient_copies:
                 self.drop.add(n)

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="TokenLake: hand the pool's last copy of an evicted segment to the "
                         "member with the oldest data when that is more than this many times "
                         "older (live --tokenlake-spill-margin; 0: off)")
+    p.add_argument("--spill-hops", type=int, default=PolicyConfig.spill_hops,
+                   help="TokenLake with --spill-margin: drop a segment handed over this many "
+                        "times since its last use instead of handing it on (live "
+                        "--tokenlake-spill-hops; 0: no limit)")
     p.add_argument("--spill-window", type=float, default=SimConfig.spill_window_s,
                    help="TokenLake with --spill-margin: simulated seconds in which a member "
                         "receives at most a quarter of its capacity (live: the heartbeat "
@@ -123,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           placement=args.placement,
                           pool_leaf_first=not args.no_pool_leaf_first,
                           eviction=args.eviction,
-                          spill_margin=args.spill_margin,
+                          spill_margin=args.spill_margin, spill_hops=args.spill_hops,
                           aware=AwareParams(args.aware_freq_weight, args.aware_depth_weight))
     router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
                               args.balance_rel_threshold)

@@ -120,6 +120,9 @@ class TokenLake(Policy):
         self._now = 0.0
         self._spilled = 0
         self._spill_bytes = 0
+        # key -> (hand-overs, its stamp then): the count holds while the stamp does (a
+        # request's use restamps the segment and so resets it).
+        self._hops: dict[int, tuple[int, float]] = {}
 
     # -- per request ---------------------------------------------------------------
 
@@ -290,8 +293,11 @@ class TokenLake(Policy):
             if holders:
                 return
             if spill:  # the pool's last copy: spill it to older data
-                t = self._spill_target(w, self.horizons.clock - stamp)
+                h, at = self._hops.get(key, (0, stamp))
+                hops = h if at == stamp else 0
+                t = self._spill_target(w, self.horizons.clock - stamp, hops)
                 if t is not None:
+                    self._hops[key] = (hops + 1, stamp)
                     holders.add(t)
                     self.caches[t].place(key, stamp, self.parent.get(key))
                     received.add(t)
@@ -299,6 +305,7 @@ class TokenLake(Policy):
                     self._spill_bytes += self.cfg.shape.kv_bytes(self.seg)
                     return
             del loc[key]
+            self._hops.pop(key, None)
             p = self.parent.pop(key, None)
             if p is not None:
                 left = nkids[p] - 1
@@ -310,7 +317,7 @@ class TokenLake(Policy):
         self.caches[w].overflow(keep, dropped=dropped)
         return received
 
-    def _spill_target(self, w: str, age: float) -> str | None:
+    def _spill_target(self, w: str, age: float, hops: int = 0) -> str | None:
         """``PoolPolicy.spill_to`` from ``w``, as the live ``pool.spill.Spill``: on the
         horizons as they were at the start of the window (live: announced with the last
         heartbeat), among the members that have received less than ``SPILL_SHARE`` of their
@@ -322,7 +329,7 @@ class TokenLake(Policy):
             self._sent = {}
         open_ = self._open
         own = open_.pop(w, None)
-        t = self.policy.spill_to(age, open_)
+        t = self.policy.spill_to(age, open_, hops)
         if own is not None:
             open_[w] = own
         if t is not None:
