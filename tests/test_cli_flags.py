@@ -8,7 +8,7 @@ import pytest
 LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
 
 
-def run(args, timeout=180):
+def run(args, timeout=600):  # generous: eight launchers import SGLang at once on 2 cores
     return subprocess.run(LAUNCH + args, capture_output=True, text=True, timeout=timeout)
 
 
