@@ -105,9 +105,12 @@ def _parser() -> argparse.ArgumentParser:
 def _run(task: tuple[str, SimConfig, float, Optional[float]]) -> dict[str, Any]:
     policy, cfg, frac, util = task
     assert _WORKLOAD is not None
+    cpu = time.process_time()
     res = simulate(_WORKLOAD, policy, cfg)
+    cpu = time.process_time() - cpu  # this run's CPU seconds (other load does not count)
     return {"capacity_frac": frac, "target_util": util,
-            "rate_scale": round(1 / cfg.time_stretch, 4), **res.summary()}
+            "rate_scale": round(1 / cfg.time_stretch, 4), **res.summary(),
+            "cpu_s": round(cpu, 3)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
