@@ -179,3 +179,23 @@ def test_a_segment_handed_over_spill_hops_times_is_dropped_at_its_next_eviction(
         assert a[5] not in tl.loc and a[4] not in tl.loc and tl._spilled == 2
         assert tl._hops == {}
     check_books(tl)
+
+
+def test_members_evict_in_a_fixed_order_whatever_the_hash_seed():
+    # Who evicts first decides where spilled segments go (the first receiver's room is
+    # taken), so the order must not be a set's, which changes with PYTHONHASHSEED.
+    cfg = SimConfig(4, 8, S, policy=PolicyConfig(replica_budget=0, spill_margin=1.0))
+    tl = TokenLake(cfg, Cluster(4, cfg.compute))
+    w0, w1, w2, w3 = tl.ids
+    for w in (w3, w0, w2):  # one segment cached at three members
+        tl.caches[w].touch(7, 1.0, None, 0)
+    tl.loc[7] = {w3, w0, w2}
+    order: list[str] = []
+    tl._evict = order.append
+    tl._update([7], {}, w1)  # recomputed at w1: the three copies are refreshed
+    assert order == [w0, w2, w3]
+    received = {w3: {w2, w0}, w2: set(), w0: set()}
+    seen: list[str] = []
+    tl._evict_one = lambda w: seen.append(w) or received.get(w, set())
+    TokenLake._evict(tl, w3)  # w3 spilled to w2 and w0: they evict in the pool's order
+    assert seen == [w3, w2, w0]

@@ -252,7 +252,7 @@ class TokenLake(Policy):
                     touched.add(t)
                 if t != ex_id:
                     put += seg_b
-        for w in touched:
+        for w in sorted(touched, key=self.index.__getitem__):  # fixed order: spills depend on it
             self._evict(w)
         return put
 
@@ -270,7 +270,7 @@ class TokenLake(Policy):
         todo = [w]
         while todo:
             received = self._evict_one(todo.pop())
-            todo.extend(t for t in received if t not in todo)
+            todo.extend(t for t in sorted(received, key=self.index.__getitem__) if t not in todo)
 
     def _evict_one(self, w: str) -> set[str]:
         """Evict ``w`` to its capacity; return the members its last copies spilled to."""
@@ -370,7 +370,7 @@ class TokenLake(Policy):
                     touched.add(t)
                     moved += seg_b
                     self._replicas_made += 1
-        for w in touched:
+        for w in sorted(touched, key=self.index.__getitem__):  # fixed order: spills depend on it
             self._evict(w)
         extra = sum(len(loc[k]) - 1 for k in want if k in loc)
         self._peak_extra = max(self._peak_extra, extra)
