@@ -235,8 +235,8 @@ def test_spill_to_picks_the_oldest_data_beyond_the_margin():
     limited = PoolPolicy(PolicyConfig(spill_margin=2.0, spill_hops=2), S, {A: 1.0, B: 1.0})
     assert limited.spill_to(1.0, {B: 3.0}, hops=1) == B
     assert limited.spill_to(1.0, {B: 3.0}, hops=2) is None  # handed over twice since its use
-    assert pol.spill_to(1.0, {B: 3.0}, hops=7) == B  # the default limit: 8
-    assert pol.spill_to(1.0, {B: 3.0}, hops=8) is None
+    assert pol.spill_to(1.0, {B: 3.0}, hops=3) == B  # the default limit: 4
+    assert pol.spill_to(1.0, {B: 3.0}, hops=4) is None
     unlimited = PoolPolicy(PolicyConfig(spill_margin=2.0, spill_hops=0), S, {A: 1.0, B: 1.0})
     assert unlimited.spill_to(1.0, {B: 3.0}, hops=1000) == B
     for bad in (-1, 1.5, None):
