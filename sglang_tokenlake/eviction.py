@@ -267,7 +267,7 @@ class LeafHeap:
 
     A heap with lazy invalidation: membership changes are O(1) (``add`` pushes a node
     that was not a member, ``discard`` only forgets it), and a node's entry keeps the
-    key it had when pushed. A use only makes a node's key larger, so ``pop`` compares
+    key it had when pushed. A use only makes a node's key larger, so ``top`` compares
     the top entry with the node's key now and pushes it again where it grew; a caller
     that makes a member's key smaller (an older ``last_access``, a copy turned
     transient) calls ``push``, and the larger entry it leaves behind is skipped or, if

@@ -110,6 +110,13 @@ class PolicyConfig:
         return HeavyHitters(self.hot_window, self.hot_k)
 
 
+def hops_since_use(handed: tuple[int, float] | None, last_use: float) -> int:
+    """Times a segment was handed over by spilling since a request last used it:
+    ``handed`` is (count, its last use when it last arrived) or None; a use since then
+    (another ``last_use``) resets the count. The live node and the simulator keep it alike."""
+    return handed[0] if handed is not None and handed[1] == last_use else 0
+
+
 class PoolPolicy:
     """Placement, replicas, eviction and dispatch rules of one pool.
 

@@ -157,7 +157,7 @@ class SegmentServer:
                        if age is not None and self.clock_at is not None else None)
                 node, _ = self.tree.adopt(keys[: i + 1], (slots, 0), tok, designated=True,
                                           last_access=old)
-                if hops and hops[j]:  # handed over by spilling: the count holds until a request uses it
+                if hops and hops[j]:  # handed over by spilling (reset by a use)
                     node.spilled = (hops[j], node.last_access)
                 self.index.announce(list(keys[: i + 1]), [i])
                 stored += 1

@@ -34,7 +34,7 @@ import numpy as np
 from sglang_tokenlake import kvio
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.counters import Counters
-from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy
+from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy, hops_since_use
 from sglang_tokenlake.pool.surfaces import CacheHost, PoolView
 from sglang_tokenlake.transport.peers import PeerAgent
 from sglang_tokenlake.tree import SegmentNode
@@ -149,8 +149,7 @@ class Spill:
 
 def hops_of(node: SegmentNode) -> int:
     """Times ``node`` was handed over by spilling since a request last used it."""
-    s = node.spilled
-    return s[0] if s is not None and s[1] == node.last_access else 0
+    return hops_since_use(node.spilled, node.last_access)
 
 
 def chains(items: Sequence[tuple[list[int], Any]]) -> list[tuple[list[int], dict[int, Any]]]:

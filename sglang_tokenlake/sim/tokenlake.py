@@ -36,7 +36,7 @@ from dataclasses import replace
 from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, Balancer
 from sglang_tokenlake.dispatch import Mode
 from sglang_tokenlake.placement import Placement
-from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy
+from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy, hops_since_use
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
@@ -293,8 +293,7 @@ class TokenLake(Policy):
             if holders:
                 return
             if spill:  # the pool's last copy: spill it to older data
-                h, at = self._hops.get(key, (0, stamp))
-                hops = h if at == stamp else 0
+                hops = hops_since_use(self._hops.get(key), stamp)
                 t = self._spill_target(w, self.horizons.clock - stamp, hops)
                 if t is not None:
                     self._hops[key] = (hops + 1, stamp)
