@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
-from sglang_tokenlake.policy import PLACEMENTS, PolicyConfig
+from sglang_tokenlake.policy import PLACEMENTS, REMOTE_MODES, PolicyConfig
 
 FLAG_PREFIX = "tokenlake"
 BROKER_PORT_OFFSET = 1000
@@ -234,10 +234,9 @@ class TokenLakeConfig:
             )
         if not (0 <= self.port < 65536):
             raise ValueError(f"--{FLAG_PREFIX}-port must be in [0, 65535], got {self.port}")
-        if self.remote_mode not in ("auto", "ship", "pull"):
-            raise ValueError(
-                f"--{FLAG_PREFIX}-remote-mode must be auto, ship or pull, got {self.remote_mode!r}"
-            )
+        if self.remote_mode not in REMOTE_MODES:
+            raise ValueError(f"--{FLAG_PREFIX}-remote-mode must be one of "
+                             f"{', '.join(REMOTE_MODES)}, got {self.remote_mode!r}")
         for name in ("prefill_cost", "link_rtt", "link_bandwidth"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(
@@ -323,7 +322,7 @@ class TokenLakeConfig:
             replan_every=self.replan_every, placement_choices=self.placement_choices,
             pool_leaf_first=self.pool_leaf_first, eviction=self.eviction,
             placement=self.placement, spill_margin=self.spill_margin,
-            spill_hops=self.spill_hops,
+            spill_hops=self.spill_hops, remote_mode=self.remote_mode,
         )
 
     def peer_list(self) -> list[str]:

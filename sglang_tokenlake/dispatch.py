@@ -151,6 +151,17 @@ class Costs:
         return tokens * self.recompute_s_per_token * max(self.batch, 1)
 
 
+def pull_pressure(remote_tokens: int, free_tokens: int) -> float:
+    """``Costs.memory_pressure`` of a request whose cached prefix has ``remote_tokens``
+    tokens held elsewhere, on an executor with ``free_tokens`` free KV slots: the part
+    of pulling them all that must be freed by evicting cached segments (0..1). The live
+    pool and the simulator both charge pulls with it."""
+    if remote_tokens < 0 or free_tokens < 0:
+        raise ValueError(f"token counts must be >= 0, got {remote_tokens}, {free_tokens}")
+    short = remote_tokens - free_tokens
+    return short / remote_tokens if remote_tokens and short > 0 else 0.0
+
+
 class Assignment(NamedTuple):
     key: int
     worker: str
@@ -242,6 +253,7 @@ def plan(
     segment_size: int,
     shape: ModelShape = ModelShape(),
     costs: Costs = Costs(),
+    pin: Mode | None = None,
 ) -> list[Assignment]:
     """Serve every segment of a request's cached prefix: one ``Assignment`` per key, in order.
 
@@ -253,15 +265,21 @@ def plan(
         new_tokens: tokens the request prefills (its uncached suffix).
         expected_output_tokens: decode steps expected (each ships queries again).
         segment_size: tokens per segment.
+        pin: ``SHIP_QUERY`` or ``PULL_KV`` serves every remote segment in that mode
+            (``--tokenlake-remote-mode ship|pull``); None picks the least time per owner.
 
     The serving worker of every non-RECOMPUTE assignment holds the segment
     (``worker in locations[key]``).
     """
+    if pin not in (None, Mode.SHIP_QUERY, Mode.PULL_KV):
+        raise ValueError(f"pin must be SHIP_QUERY, PULL_KV or None, got {pin!r}")
     steps = max(expected_output_tokens, 0)
     query_tokens = max(new_tokens, 1) + steps
     passes = 1 + steps
     # One segment's work for its owner, in the mode a lone segment would take.
-    if costs.ship_s(shape, "", query_tokens, passes, segment_size) < costs.pull_s(shape, segment_size):
+    if pin is Mode.SHIP_QUERY or pin is None and (
+            costs.ship_s(shape, "", query_tokens, passes, segment_size)
+            < costs.pull_s(shape, segment_size)):
         unit = costs.attn_s_per_token_pair * query_tokens * segment_size
     else:
         unit = shape.kv_bytes(segment_size) / costs.bandwidth_Bps
@@ -278,6 +296,9 @@ def plan(
         per_owner[w] += 1
     mode_of: dict[str, Mode] = {}
     for w, n in per_owner.items():
+        if pin is not None:
+            mode_of[w] = pin
+            continue
         tokens = n * segment_size
         times = [(costs.pull_s(shape, tokens, w), 0, Mode.PULL_KV),
                  (costs.ship_s(shape, w, query_tokens, passes, tokens), 1, Mode.SHIP_QUERY),

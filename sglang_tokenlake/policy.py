@@ -38,12 +38,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from sglang_tokenlake.dispatch import Assignment, Costs, ModelShape, plan
+from sglang_tokenlake.dispatch import Assignment, Costs, Mode, ModelShape, plan
 from sglang_tokenlake.eviction import AwareParams, check_eviction
 from sglang_tokenlake.hotness import HeavyHitters, ReplicaPlanner
 from sglang_tokenlake.placement import Placement
 
 PLACEMENTS = ("segment", "chain", "executor")
+REMOTE_MODES = ("auto", "ship", "pull")
 SPILL_SHARE = 0.25
 """Of a member's capacity, at most this much is spilled to it per heartbeat interval
 (its announced horizon does not see what was sent since)."""
@@ -88,6 +89,11 @@ class PolicyConfig:
     on; 4 kept more hits than no limit for 60% of its traffic (chosen on the first half of
     the conversation trace, results/sim/spill/tuning)."""
 
+    remote_mode: str = "auto"
+    """How a remote segment is served (``REMOTE_MODES``): ``auto``, per owner whichever
+    of shipping, pulling and recomputing takes the least time (``dispatch.plan``);
+    ``ship`` or ``pull`` always that mode."""
+
     def __post_init__(self) -> None:
         check_eviction(self.eviction)
         if self.placement not in PLACEMENTS:
@@ -101,9 +107,17 @@ class PolicyConfig:
             raise ValueError("replan_every and placement_choices must be >= 1")
         if not (self.spill_margin == 0 or self.spill_margin >= 1):  # NaN fails both
             raise ValueError(f"spill_margin must be 0 (off) or >= 1, got {self.spill_margin}")
+        if self.remote_mode not in REMOTE_MODES:
+            raise ValueError(f"remote_mode must be one of {', '.join(REMOTE_MODES)}, "
+                             f"got {self.remote_mode!r}")
         if not (isinstance(self.spill_hops, int) and self.spill_hops >= 0):
             raise ValueError(f"spill_hops must be an integer >= 0 (0: no limit), "
                              f"got {self.spill_hops!r}")
+
+    @property
+    def pinned_mode(self) -> Mode | None:
+        """The mode every remote segment takes (``remote_mode`` ship/pull), else None."""
+        return {"ship": Mode.SHIP_QUERY, "pull": Mode.PULL_KV}.get(self.remote_mode)
 
     def heavy_hitters(self) -> HeavyHitters:
         """A fresh heavy-hitter estimate with these parameters."""
@@ -263,9 +277,11 @@ class PoolPolicy:
     def dispatch(self, keys: Sequence[int], locations: Mapping[int, Collection[str]],
                  loads: Mapping[str, float], *, executor: str, new_tokens: int,
                  expected_output_tokens: int, costs: Costs | None = None,
-                 shape: ModelShape | None = None) -> list[Assignment]:
-        """Replica and mode for each of a request's cached segments (see ``dispatch.plan``)."""
+                 shape: ModelShape | None = None, pin: Mode | None = None) -> list[Assignment]:
+        """Replica and mode for each of a request's cached segments (see ``dispatch.plan``);
+        ``pin`` overrides ``remote_mode`` (a worker that cannot ship pulls)."""
         return plan(keys, locations, loads, executor=executor, new_tokens=new_tokens,
                     expected_output_tokens=expected_output_tokens,
                     segment_size=self.segment_size, shape=shape or self.shape,
-                    costs=costs or self.costs)
+                    costs=costs or self.costs,
+                    pin=pin if pin is not None else self.cfg.pinned_mode)

@@ -5,7 +5,16 @@ import random
 
 import pytest
 
-from sglang_tokenlake.dispatch import Assignment, Costs, Link, Mode, ModelShape, balance, plan
+from sglang_tokenlake.dispatch import (
+    Assignment,
+    Costs,
+    Link,
+    Mode,
+    ModelShape,
+    balance,
+    plan,
+    pull_pressure,
+)
 
 SHAPE = ModelShape()  # 32 layers, 32 q heads, 8 kv heads, head_dim 128, bf16
 SEG = 256
@@ -100,6 +109,17 @@ def test_memory_pressure_makes_pulling_cost_its_evictions():
     assert _plan([1], locations, {}, new=1, out=9)[0].mode is Mode.PULL_KV
     pressed = Costs(memory_pressure=1.0)
     assert _plan([1], locations, {}, new=1, out=9, costs=pressed)[0].mode is Mode.SHIP_QUERY
+
+
+def test_pull_pressure_is_the_part_of_a_pull_that_free_memory_cannot_hold():
+    assert pull_pressure(0, 0) == 0.0  # nothing to pull
+    assert pull_pressure(512, 1024) == 0.0 and pull_pressure(512, 512) == 0.0
+    assert pull_pressure(512, 256) == 0.5
+    assert pull_pressure(512, 0) == 1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        pull_pressure(-1, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        pull_pressure(256, -5)
 
 
 def test_a_running_batch_makes_shipping_and_recompute_cost_its_stalls():

@@ -115,9 +115,32 @@ def test_dispatch_uses_the_policy_segment_size_and_replicas():
     assert out[2].mode is Mode.RECOMPUTE
 
 
+def test_a_pinned_remote_mode_serves_every_remote_segment_in_it():
+    # Slow links: left to itself dispatch recomputes b's segment; pinned, it pulls or
+    # ships it from the less loaded replica, and a local or uncached segment is unchanged.
+    from sglang_tokenlake.dispatch import Assignment, Costs
+
+    slow = Costs(bandwidth_Bps=1e3, rtt_s=10.0)
+    locs = {1: {"a:1"}, 2: {"b:2", "c:3"}, 3: set()}
+
+    def modes(pol, **kw):
+        return pol.dispatch([1, 2, 3], locs, {"b:2": 10.0}, executor="a:1", new_tokens=16,
+                            expected_output_tokens=4, costs=slow, **kw)
+
+    assert modes(policy())[1] == Assignment(2, "a:1", Mode.RECOMPUTE)
+    for rule, mode in (("pull", Mode.PULL_KV), ("ship", Mode.SHIP_QUERY)):
+        got = modes(policy(remote_mode=rule))
+        assert got == [Assignment(1, "a:1", Mode.LOCAL), Assignment(2, "c:3", mode),
+                       Assignment(3, "a:1", Mode.RECOMPUTE)]
+    # A worker that cannot ship pulls, whatever the configured mode.
+    assert modes(policy(remote_mode="ship"), pin=Mode.PULL_KV)[1].mode is Mode.PULL_KV
+    with pytest.raises(ValueError, match="pin must be"):
+        modes(policy(), pin=Mode.RECOMPUTE)
+
+
 def test_config_is_validated():
     for bad in ({"replica_budget": 1.5}, {"hot_window": 4}, {"hot_k": 1}, {"replan_every": 0},
-                {"placement_choices": 0}):
+                {"placement_choices": 0}, {"remote_mode": "fast"}):
         with pytest.raises(ValueError):
             PolicyConfig(**bad)
 

@@ -386,3 +386,38 @@ def test_longctx_has_few_long_zipf_contexts_and_an_mha_model():
     counts = sorted(firsts.values(), reverse=True)
     assert len(counts) == 8 and counts[0] > 2.5 * counts[-1]  # Zipf(1): 1/1 vs 1/8
     assert 8 * 16384 // 256 <= w.unique_full_blocks() <= 8 * 32768 // 256 + len(w.requests)
+
+
+def test_a_pressed_executor_ships_what_it_would_pull_with_room():
+    """The simulator charges a pull its evictions as the live pool does
+    (``dispatch.pull_pressure``) where its memory model gives a pulled copy room of its
+    own (``shared_prefix_kv``): with free room the executor pulls B's two segments, with
+    its memory held by running requests it ships its queries to B instead."""
+    seg = 256
+    req = Request(0.0, input_tokens=2 * seg + 1, output_tokens=9, keys=(1, 2, 3))
+
+    def served(squeezed: bool, remote_mode: str = "auto", shared_prefix_kv: bool = True):
+        cfg = SimConfig(2, 8, seg, policy=PolicyConfig(replica_budget=0, remote_mode=remote_mode),
+                        tokenlake_executor="round_robin", shared_prefix_kv=shared_prefix_kv)
+        tl = TokenLake(cfg, Cluster(2, cfg.compute))
+        a_id, b_id = tl.ids
+        tl._update([1, 2], {}, b_id)
+        assert tl.loc[1] == tl.loc[2] == {b_id}
+        if squeezed:
+            tl.pressure({0: 8 * seg}, 0.0)  # A's running requests hold all its KV
+        out = tl.serve(req, 0.0)
+        assert out.worker == 0 and out.hit_tokens == 2 * seg
+        check_books(tl)
+        return out
+
+    roomy = served(False)
+    assert roomy.shipped == {} and roomy.bytes["pull_kv"] == 2 * SimConfig(2, 8, seg).shape.kv_bytes(seg)
+    pressed = served(True)
+    assert pressed.shipped == {1: 2 * seg} and "pull_kv" not in pressed.bytes
+    # Pinned to pulling (live --tokenlake-remote-mode pull, sim --remote-mode pull) it pulls.
+    pinned = served(True, remote_mode="pull")
+    assert pinned.shipped == {} and pinned.bytes["pull_kv"] == roomy.bytes["pull_kv"]
+    # Where a request holds its whole prompt anyway (the default model) shipping saves no
+    # room, and nothing is charged.
+    whole = served(True, shared_prefix_kv=False)
+    assert whole.shipped == {} and whole.bytes["pull_kv"] == roomy.bytes["pull_kv"]

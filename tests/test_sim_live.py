@@ -73,6 +73,17 @@ def test_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert "bench.json" in capsys.readouterr().err
 
 
+def test_a_run_without_calibration_samples_is_a_clear_error(tmp_path, capsys):
+    run = _bench(tmp_path, ["stock-rr"])
+    bench = json.loads((run / "bench.json").read_text())
+    bench["calibration"] = [{"samples": []}]
+    (run / "bench.json").write_text(json.dumps(bench))
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no calibration samples" in err and "--calibration N" in err
+    assert not (run / "sim_vs_live.json").exists()
+
+
 def test_the_replay_uses_the_runs_tokenlake_policy_flags():
     from sglang_tokenlake.policy import PolicyConfig
     from sglang_tokenlake.sim.live import pool_config_of
@@ -82,6 +93,9 @@ def test_the_replay_uses_the_runs_tokenlake_policy_flags():
                                              "--tokenlake-replica-budget", "0.1"]}).policy()
     assert pol.placement == "executor" and pol.replica_budget == 0.1
     assert pol == PolicyConfig(placement="executor", replica_budget=0.1)
+    # The mode a run pinned is the replay's too (a pulled copy takes memory, a shipped one not).
+    assert pool_config_of({"tokenlake_args": ["--tokenlake-remote-mode", "pull"]}
+                          ).policy().remote_mode == "pull"
 
 
 def test_a_sweep_compares_each_rate_with_its_own_replay(tmp_path):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from sglang_tokenlake import kvio
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.counters import Counters
-from sglang_tokenlake.dispatch import Assignment, Mode, ModelShape
+from sglang_tokenlake.dispatch import Assignment, Mode, ModelShape, pull_pressure
 from sglang_tokenlake.placement import homes
 from sglang_tokenlake.policy import PoolPolicy
 from sglang_tokenlake.pool.calibration import Calibration
@@ -192,25 +192,18 @@ class Transfers:
                              {o for o in n.owners if self.view.usable(o)}) for n in run}
         # Memory is a cost too: the part of a pull that must evict cached segments.
         remote = sum(1 for n in run if n.value is None) * self.S
-        short = remote - self.host.free_tokens()
-        pressure = short / remote if remote and short > 0 else 0.0
+        pressure = pull_pressure(remote, max(0, self.host.free_tokens()))
         # A shipped layer's wait or a recompute stalls the running batch and this request.
         costs = self.calibration.costs(pressure, batch=1 + self.host.running_requests())
         plan = self.policy.dispatch([n.key for n in run], locations, self.view.loads(),
                                     executor=self.self_id, new_tokens=new_tokens,
                                     expected_output_tokens=min(max_new_tokens, DECODE_STEPS_CAP),
-                                    shape=shape, costs=costs)
-        forced = {"ship": Mode.SHIP_QUERY, "pull": Mode.PULL_KV}.get(self.config.remote_mode)
-        if not self.ship_ok:  # queries cannot be shipped from here: pull whatever is remote
-            forced = Mode.PULL_KV
-        out = []
-        for a, n in zip(plan, run):
-            if forced is not None and a.mode is not Mode.LOCAL:
-                worker = a.worker if a.mode is not Mode.RECOMPUTE else self.owner_for(n)
-                a = Assignment(a.key, worker or self.self_id, forced if worker else Mode.RECOMPUTE)
+                                    shape=shape, costs=costs,
+                                    # queries cannot be shipped from here: pull what is remote
+                                    pin=None if self.ship_ok else Mode.PULL_KV)
+        for a in plan:
             self.counters.add(f"planned_{a.mode.value}_segments")
-            out.append(a)
-        return out
+        return plan
 
     def plan_run(self, req: Any, n_tokens: int, local: int, run: list[SegmentNode]) -> list[SegmentNode]:
         """Choose per remote segment ship / pull / recompute; cut the run at the first

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from sglang_tokenlake.dispatch import ModelShape
 from sglang_tokenlake.eviction import EVICTIONS, AwareParams
-from sglang_tokenlake.policy import PLACEMENTS, PolicyConfig
+from sglang_tokenlake.policy import PLACEMENTS, REMOTE_MODES, PolicyConfig
 from sglang_tokenlake.sim import report
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import ALL_POLICIES, POLICIES, SimConfig, simulate, time_stretch
@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="TokenLake with --spill-margin: drop a segment handed over this many "
                         "times since its last use instead of handing it on (live "
                         "--tokenlake-spill-hops; 0: no limit)")
+    p.add_argument("--remote-mode", choices=REMOTE_MODES, default=PolicyConfig.remote_mode,
+                   help="TokenLake: serve remote segments by the least time (auto) or always "
+                        "ship / pull (live --tokenlake-remote-mode)")
     p.add_argument("--spill-window", type=float, default=SimConfig.spill_window_s,
                    help="TokenLake with --spill-margin: simulated seconds in which a member "
                         "receives at most a quarter of its capacity (live: the heartbeat "
@@ -131,6 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           pool_leaf_first=not args.no_pool_leaf_first,
                           eviction=args.eviction,
                           spill_margin=args.spill_margin, spill_hops=args.spill_hops,
+                          remote_mode=args.remote_mode,
                           aware=AwareParams(args.aware_freq_weight, args.aware_depth_weight))
     router = CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold,
                               args.balance_rel_threshold)

@@ -132,8 +132,8 @@ def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeMode
             if s.get("output_tokens", 0) > 1 and s.get("e2e_miss_s"):
                 per_step.append((s["e2e_miss_s"] - s["ttft_miss_s"]) / (s["output_tokens"] - 1))
     if not per_token or not per_step:
-        raise ValueError("bench.json has no calibration samples: rerun the harness with "
-                         "--calibration-requests > 0")
+        raise ValueError("bench.json has no calibration samples (the run had --calibration "
+                         "0): rerun the harness with --calibration N, N > 0")
     return ComputeModel(prefill_s_per_token=statistics.median(per_token), attn_s_per_token_pair=0.0,
                         decode_step_s=statistics.median(per_step), decode_s_per_ctx_token=0.0,
                         kv_capacity_tokens=kv_tokens)
@@ -210,8 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = compare(args.run, tuple(args.tokenlake_args))
     except SystemExit:  # a flag argparse refused: it said why
         return 2
-    except ValueError as e:
-        print(f"error: --tokenlake-args: {e}", file=sys.stderr)
+    except ValueError as e:  # a malformed TokenLake flag (it names itself), or no samples
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print("| workload | rate | config | hit rate live | sim | diff | load CV live | sim |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, Balancer
-from sglang_tokenlake.dispatch import Mode
+from sglang_tokenlake.dispatch import Mode, pull_pressure
 from sglang_tokenlake.placement import Placement
 from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy, hops_since_use
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
@@ -166,8 +166,16 @@ class TokenLake(Policy):
         if k:
             loads = {w: x.backlog(now) for w, x in zip(self.ids, self.cluster.instances)}
             new = req.input_tokens - k * seg
-            # As live: shipping and recompute stall the executor's running requests too.
-            costs = replace(self.costs, batch=1 + self.cluster.instances[ex].inflight(now))
+            # As live: shipping and recompute stall the executor's running requests too,
+            # and a pull that must evict the executor's cached segments pays for them
+            # where the memory model gives a pulled copy room of its own (shipping none).
+            pressure = 0.0
+            if self.cfg.memory_pressure and self.cfg.shared_prefix_kv:
+                cache = self.caches[ex_id]
+                remote = sum(1 for key in full[:k] if ex_id not in loc[key]) * seg
+                pressure = pull_pressure(remote, max(0, cache.capacity - len(cache)) * seg)
+            costs = replace(self.costs, batch=1 + self.cluster.instances[ex].inflight(now),
+                            memory_pressure=pressure)
             out = self.policy.dispatch(full[:k], loc, loads, executor=ex_id, new_tokens=new,
                                        expected_output_tokens=req.output_tokens, costs=costs)
             ship_owners = set()
