@@ -65,10 +65,10 @@ def test_piece_keys_share_exactly_the_common_full_blocks():
 def test_queueing_on_one_instance():
     c = ComputeModel()
     cl = Cluster(1, c)
-    w1, t1 = cl.run(0, 0.0, new_tokens=1000, local_ctx=0, decode_ctx=1000, output_tokens=10)
+    w1, t1, *_ = cl.run(0, 0.0, new_tokens=1000, local_ctx=0, decode_ctx=1000, output_tokens=10)
     work1 = c.prefill_s(1000, 0) + c.decode_work_s(10, 1000, 1)
     assert w1 == 0.0 and t1 == pytest.approx(c.prefill_s(1000, 0))
-    w2, t2 = cl.run(0, 0.0, new_tokens=500, local_ctx=500, decode_ctx=1000, output_tokens=10)
+    w2, t2, *_ = cl.run(0, 0.0, new_tokens=500, local_ctx=500, decode_ctx=1000, output_tokens=10)
     assert w2 == pytest.approx(work1)  # waits for the GPU work admitted before it
     assert t2 == pytest.approx(work1 + c.prefill_s(500, 500))
     assert cl.instances[0].inflight(0.0) == 2 and cl.instances[0].inflight(1e6) == 0

@@ -21,8 +21,21 @@ arrival, the instances whose running KV changed, so the caches can shrink or gro
 from __future__ import annotations
 
 import heapq
+from typing import NamedTuple
 
 from sglang_tokenlake.sim.compute import ComputeModel
+
+
+class Admission(NamedTuple):
+    """When a request admitted by ``Cluster.run`` waits, starts and ends."""
+
+    wait: float
+    """Seconds from arrival to start (the backlog in front of it)."""
+    ttft: float
+    """Seconds from arrival to its first token."""
+    start: float
+    end: float
+    """Its last token (it holds its KV until then)."""
 
 
 class Instance:
@@ -77,8 +90,8 @@ class Cluster:
 
     def run(self, i: int, now: float, *, new_tokens: int, local_ctx: int, decode_ctx: int,
             output_tokens: int, transfer_s: float = 0.0,
-            kv_tokens: int = 0) -> tuple[float, float]:
-        """Admit a request on instance ``i``; return ``(queue wait, time to first token)``.
+            kv_tokens: int = 0) -> Admission:
+        """Admit a request on instance ``i``; return when it waits, starts and ends.
 
         Args:
             new_tokens: tokens it prefills.
@@ -103,7 +116,7 @@ class Cluster:
         if kv_tokens > 0:
             heapq.heappush(self._kv_events, (start, i, kv_tokens))
             heapq.heappush(self._kv_events, (end, i, -kv_tokens))
-        return start - now, ttft
+        return Admission(start - now, ttft, start, end)
 
     def charge(self, i: int, now: float, seconds: float) -> None:
         """Queue ``seconds`` of GPU work on instance ``i`` for another executor's request."""

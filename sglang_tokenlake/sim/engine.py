@@ -180,7 +180,7 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
                 policy.pressure(changed, now)
         out = policy.serve(req, now)
         if prefills is None:
-            _account(cluster, cfg, req, now, out, res)
+            _account(cluster, policy, cfg, req, now, out, res)
         else:
             scope = -1 if policy.pooled else out.worker
             full = policy.full(req)
@@ -189,7 +189,7 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
             usable = prefills.usable(scope, full, hit, start)
             if usable < hit:
                 out = _shorten(out, usable, hit, cfg.segment_size)
-            ttft = _account(cluster, cfg, req, now, out, res)
+            ttft = _account(cluster, policy, cfg, req, now, out, res)
             prefills.computed(scope, full[usable:], now, now + ttft)
         for kind, b in out.bytes.items():
             bytes_[kind] = bytes_.get(kind, 0) + b
@@ -208,11 +208,11 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
     return res
 
 
-def _account(cluster: Cluster, cfg: SimConfig, req: Request, now: float, out: Outcome,
-             res: RunResult) -> float:
+def _account(cluster: Cluster, policy: Policy, cfg: SimConfig, req: Request, now: float,
+             out: Outcome, res: RunResult) -> float:
     """Queue ``req`` as ``out`` decided; return its time to first token."""
     shipped = sum(out.shipped.values())
-    wait, ttft = cluster.run(
+    adm = cluster.run(
         out.worker, now,
         new_tokens=req.input_tokens - out.hit_tokens,
         local_ctx=out.hit_tokens - shipped,
@@ -222,12 +222,13 @@ def _account(cluster: Cluster, cfg: SimConfig, req: Request, now: float, out: Ou
         kv_tokens=(0 if not cfg.memory_pressure else req.output_tokens
                    + (out.held_tokens if cfg.shared_prefix_kv else req.input_tokens)),
     )
+    policy.admitted(req, out, adm.start, adm.end)
     new = req.input_tokens - out.hit_tokens
     for owner, tokens in out.shipped.items():
         cluster.charge(owner, now, cfg.compute.remote_attn_s(new, req.output_tokens, tokens))
     res.requests += 1
     res.input_tokens += req.input_tokens
     res.hit_tokens += out.hit_tokens
-    res.ttft.append(ttft)
-    res.wait.append(wait)
-    return ttft
+    res.ttft.append(adm.ttft)
+    res.wait.append(adm.wait)
+    return adm.ttft

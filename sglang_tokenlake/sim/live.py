@@ -22,7 +22,9 @@ compute times are calibrated from the harness's own lone-request measurements (T
 per prompt token, decode seconds per step). Memory as in SGLang: a running request holds its output and the
 part of its prompt outside its worker's cache (``SimConfig.shared_prefix_kv``); a
 prefix is usable once the prefill that computes it has finished, and a request's hit
-is decided when it starts (``SimConfig.prefill_visibility``). It prints the
+is decided when it starts (``SimConfig.prefill_visibility``); the stock workers' caches are
+SGLang's radix tree: whole nodes evicted, a node ending at each 4,096-token prefill chunk,
+running prefixes locked (``SimConfig.radix_nodes``, ``sim/radix.py``). It prints the
 simulated against the measured hit rate and load CV (requests per worker) per
 configuration, and writes ``sim_vs_live.json`` beside the run.
 """
@@ -162,6 +164,7 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
         pool = pool_config_of(settings)
         cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
                         policy=pool.policy(), shared_prefix_kv=True, prefill_visibility=True,
+                        radix_nodes=True,
                         spill_window_s=pool.heartbeat_interval)
         sims: dict[str, Any] = {}
         rate = float(meta_wl["params"]["rate"])

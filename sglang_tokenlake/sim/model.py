@@ -84,6 +84,18 @@ class SimConfig:
     prefix compute it again and hold that copy while they run. Per instance for the
     per-instance caches, pool-wide for the pooled ones (``Policy.pooled``)."""
 
+    radix_nodes: bool = False
+    """The per-instance caches (``stock``, ``cache_aware``) as SGLang's radix tree
+    (``sim/radix.py``): a node is evicted whole, leaves first, least recently used
+    first, and a running request's prefix is locked from its start to its last token.
+    False: they evict single blocks (``PrefixLRU``), which keeps the first blocks of a
+    squeezed context. The live replay (``sim.live``) sets it; the simulator's own
+    tables keep the block model."""
+    chunked_prefill_tokens: int = 4096
+    """With ``radix_nodes``: SGLang's ``--chunked-prefill-size`` (it inserts a prompt
+    into its tree after each chunk, so a node ends there); 0: no chunking. Rounded down
+    to whole blocks."""
+
     spill_window_s: float = 0.5
     """TokenLake with ``policy.spill_margin``: each member receives at most ``SPILL_SHARE``
     of its capacity in spilled segments per this many seconds (the live pool's
@@ -93,6 +105,11 @@ class SimConfig:
         if self.tokenlake_executor not in EXECUTORS:
             raise ValueError(f"tokenlake_executor must be one of {', '.join(EXECUTORS)}, "
                              f"got {self.tokenlake_executor!r}")
+        if self.radix_nodes and not (self.memory_pressure and self.shared_prefix_kv):
+            raise ValueError("radix_nodes needs memory_pressure and shared_prefix_kv (a running "
+                             "request's locked prefix is its KV, counted once)")
+        if self.chunked_prefill_tokens < 0:
+            raise ValueError(f"chunked_prefill_tokens must be >= 0, got {self.chunked_prefill_tokens}")
         if not self.spill_window_s > 0:
             raise ValueError(f"spill_window_s must be > 0, got {self.spill_window_s}")
 

@@ -26,12 +26,16 @@ less the blocks its running requests occupy; the pooled caches less the sum.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
+from sglang_tokenlake.sim.radix import Node, RadixNodeLRU
 from sglang_tokenlake.sim.routing import CacheAwareConfig, CacheAwareRouter
 from sglang_tokenlake.sim.workloads import Request
 
@@ -82,6 +86,9 @@ class Policy:
         """Instances whose running requests hold ``running[i]`` KV tokens at ``now``: resize caches."""
         raise NotImplementedError
 
+    def admitted(self, req: Request, out: Outcome, start: float, end: float) -> None:
+        """``req``, served as ``out``, runs from ``start`` to its last token at ``end``."""
+
     def stats(self) -> dict:
         return {}
 
@@ -92,7 +99,17 @@ class Stock(Policy):
 
     def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
         super().__init__(cfg, cluster)
-        self.caches = [PrefixLRU(cfg.capacity_blocks) for _ in range(cfg.instances)]
+        self.caches: list[PrefixLRU] | list[RadixNodeLRU]
+        if cfg.radix_nodes:
+            chunk = cfg.chunked_prefill_tokens // cfg.segment_size
+            self.caches = [RadixNodeLRU(cfg.capacity_blocks, chunk) for _ in range(cfg.instances)]
+        else:
+            self.caches = [PrefixLRU(cfg.capacity_blocks) for _ in range(cfg.instances)]
+        self._locks: list[tuple[float, int, int, int, Sequence[int]]] = []
+        """Heap of (time, 0 lock / 1 release, seq, instance, keys): a running request's
+        prefix locked at its start and released at its end (``RadixNodeLRU``)."""
+        self._held: dict[int, Optional[Node]] = {}  # lock seq -> RadixNodeLRU.lock's handle
+        self._seq = itertools.count()
 
     def route(self, req: Request, now: float) -> int:
         i = self._rr % len(self.caches)
@@ -107,10 +124,27 @@ class Stock(Policy):
         cache.use(full)
         return Outcome(i, hit * self.seg, {}, {}, 0.0, self.held(req, full, cache))
 
+    def admitted(self, req: Request, out: Outcome, start: float, end: float) -> None:
+        if not self.cfg.radix_nodes:
+            return
+        seq = next(self._seq)
+        heapq.heappush(self._locks, (start, 0, seq, out.worker, self.full(req)))
+        heapq.heappush(self._locks, (max(start, end), 1, seq, out.worker, ()))
+
     def pressure(self, running: Mapping[int, int], now: float) -> None:
-        for i, tokens in running.items():
+        touched = set(running)
+        locks = self._locks
+        while locks and locks[0][0] <= now:  # running prefixes locked and released by now
+            _, release, seq, i, keys = heapq.heappop(locks)
+            if not release:
+                self._held[seq] = self.caches[i].lock(keys)
+            else:
+                self.caches[i].unlock(self._held.pop(seq))
+                touched.add(i)
+        for i in touched:
             cache = self.caches[i]
-            cache.capacity = self.room(tokens)
+            if i in running:
+                cache.capacity = self.room(running[i])
             cache.overflow()
 
 
