@@ -20,6 +20,8 @@
 
 All caches are block-level radix LRUs (``PrefixLRU``); a request hits the longest
 prefix of its full blocks that its cache holds, then touches/inserts all of them.
+With ``SimConfig.radix_nodes`` (the live replay) the per-instance caches are SGLang's
+radix tree instead (``RadixNodeLRU``: whole nodes evicted, running prefixes locked).
 Memory pressure (``Policy.pressure``): an instance's cache holds ``capacity_blocks``
 less the blocks its running requests occupy; the pooled caches less the sum.
 """
