@@ -51,10 +51,9 @@ class RadixNodeLRU:
         self.capacity = capacity
         self.chunk_blocks = chunk_blocks
         self._ids = itertools.count(1)
-        self.root = Node([], None, 0, 0)
-        self.root.lock = 1  # never evicted
+        self.root = Node([], None, 0, 0)  # never on the heap (``_push``)
         self._node_of: dict[int, Node] = {}  # block key -> its node
-        self._clock = 0
+        self._clock = itertools.count(1)
         self._heap: list[tuple[int, int, Node]] = []  # (stamp, id, node): leaf candidates, lazy
         self.evicted_nodes = 0
 
@@ -102,15 +101,11 @@ class RadixNodeLRU:
             self._node_of[key] = upper
         return upper
 
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
     def use(self, keys: Sequence[int]) -> list[int]:
         """Touch the cached prefix of ``keys`` and insert the rest (a request's full
         blocks; its prefill chunks count from the cached prefix); return the evicted keys."""
         path, n, k = self._walk(keys)
-        stamp = self._tick()
+        stamp = next(self._clock)
         if path and k < len(path[-1].keys):  # the match ends inside a node: split it there
             path[-1] = self._split(path[-1], k)
         for node in path:
@@ -168,7 +163,7 @@ class RadixNodeLRU:
 
     def _evictable(self, stamp: int, node: Node) -> bool:
         return (node.parent is not None and not node.children and node.lock == 0
-                and node.stamp == stamp and node.parent.children.get(node.keys[0]) is node)
+                and node.stamp == stamp)
 
     def overflow(self) -> list[int]:
         """Evict least recently used unlocked leaf nodes, whole, until within capacity;
@@ -186,7 +181,7 @@ class RadixNodeLRU:
                 del self._node_of[key]
             out.extend(node.keys)
             self.evicted_nodes += 1
-            if not parent.children and parent.lock == 0:
+            if parent.lock == 0:
                 self._push(parent)
         if len(heap) > 4 * len(self._node_of) + 64:  # drop stale entries
             self._heap = [e for e in heap if self._evictable(e[0], e[2])]
