@@ -24,7 +24,7 @@ def _bench(tmp_path, configs):
 
 
 def test_the_replayed_requests_are_the_harness_requests():
-    wl, cpt = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
+    wl, cpt, _ = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
     want = build("docs", {k: v for k, v in PARAMS.items()
                           if k not in ("seed", "rate", "unique_doc_tokens")}, seed=3).at_rate(2.0)
     assert len(wl.requests) == len(want.requests) == 30
@@ -45,7 +45,7 @@ def test_the_replay_takes_as_many_requests_as_the_harness_sent():
     # bench.json as the harness writes it: the generator's parameters without a request
     # count (the generator's default made them), the count the run sent beside them.
     params = {k: v for k, v in PARAMS.items() if k != "requests"}
-    wl, _ = replay_requests({"name": "docs", "requests": 12, "params": params}, {}, 64)
+    wl, _, _ = replay_requests({"name": "docs", "requests": 12, "params": params}, {}, 64)
     sent = build("docs", {k: v for k, v in params.items()
                           if k not in ("seed", "rate", "unique_doc_tokens")}, seed=3)
     assert len(sent.requests) > 12  # the generator's default is more
@@ -118,7 +118,7 @@ def test_power_of_two_takes_the_less_busy_of_two_random_workers():
     from sglang_tokenlake.sim.engine import simulate
     from sglang_tokenlake.sim.model import SimConfig
 
-    wl, _ = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
+    wl, _, _ = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
     cfg = SimConfig(4, 4096 // 64, 64)
     served = {ex: simulate(wl, "tokenlake", cfg.__class__(**{**cfg.__dict__,
                                                           "tokenlake_executor": ex})).served
@@ -135,7 +135,7 @@ def test_cache_aware_executor_keeps_a_documents_requests_together_within_the_poo
     from sglang_tokenlake.sim.model import SimConfig
     from sglang_tokenlake.sim.routing import CacheAwareConfig
 
-    wl, _ = replay_requests({"name": "docs", "params": dict(PARAMS, rate=1000.0)}, {}, 64)
+    wl, _, _ = replay_requests({"name": "docs", "params": dict(PARAMS, rate=1000.0)}, {}, 64)
     cfg = SimConfig(4, 4096 // 64, 64, tokenlake_executor="cache_aware")
     loose = simulate(wl, "tokenlake", replace(cfg, tokenlake_router=CacheAwareConfig()))
     tight = simulate(wl, "tokenlake", cfg)
@@ -227,3 +227,33 @@ def test_tokenlake_args_given_to_the_replay_come_after_the_runs_own(tmp_path, ca
     assert "spill_margin must be 0 (off) or >= 1" in capsys.readouterr().err
     assert main([str(run), "--tokenlake-args=--tokenlake-spill-margin x"]) == 2
     assert "invalid float value" in capsys.readouterr().err
+
+
+def test_per_request_agreement_counts_each_request_once():
+    from sglang_tokenlake.sim.live import per_request
+
+    measured = {"a": {"cached_tokens": 512, "prompt_tokens": 600},
+                "b": {"cached_tokens": 0, "prompt_tokens": 400},
+                "c": {"cached_tokens": 256, "prompt_tokens": 300},
+                "d": {"cached_tokens": 0, "prompt_tokens": 900, "error": "timeout"}}
+    # a: within a segment (40 < 64); b: 128 apart; c: 256 apart; d failed; e not measured
+    got = per_request(["a", "b", "c", "d", "e"], [472, 128, 0, 0, 64], measured, 64)
+    assert got == {"requests_compared": 3, "requests_matched": 1,
+                   "per_request_diff": round((40 + 128 + 256) / 1300, 4)}
+    assert per_request(["x"], [0], {}, 64)["per_request_diff"] is None
+
+
+def test_compare_reports_request_by_request_agreement_where_requests_were_recorded(tmp_path):
+    run = _bench(tmp_path, ["stock-rr", "tokenlake-rr"])
+    wl, _, rids = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
+    # live, stock-rr hit nothing: every replayed hit is a difference
+    recs = [{"config": "stock-rr", "workload": "docs", "rate": 2.0, "rid": rid,
+             "prompt_tokens": r.input_tokens, "cached_tokens": 0, "output_ids": []}
+            for rid, r in zip(rids, wl.requests)]
+    (run / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = {r["config"]: r for r in compare(run)}
+    rr = rows["stock-rr"]
+    assert rr["requests_compared"] == 30
+    assert rr["per_request_diff"] == round(rr["simulated_hit_rate"], 4) > 0
+    assert 0 < rr["requests_matched"] < 30  # the first request of each document missed
+    assert "requests_compared" not in rows["tokenlake-rr"]  # none recorded for it

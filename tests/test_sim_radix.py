@@ -1,5 +1,7 @@
 """SGLang's radix tree in the simulator (sim/radix.py): whole nodes, chunks, locks."""
 
+from dataclasses import replace
+
 import pytest
 
 from sglang_tokenlake.sim.cache import PrefixLRU
@@ -96,8 +98,50 @@ def test_the_replays_radix_model_drops_what_the_block_model_keeps():
 
 
 def replace_(cfg: SimConfig, capacity: int) -> SimConfig:
-    from dataclasses import replace
     return replace(cfg, capacity_blocks=capacity)
+
+
+def test_a_queued_request_matches_the_cache_as_it_is_when_it_starts():
+    # One instance of 10 blocks of 100 tokens. A reads context X (5 blocks), B reads Y
+    # (8 blocks) right after, C reads X again while both are queued. C starts after B,
+    # whose prompt evicted X's node (X unlocked once A ended): SGLang, matching C at
+    # admission, misses. Matched on arrival, C would find X still locked by A.
+    x, y = piece_keys([(1, 500)], 100), piece_keys([(2, 800)], 100)
+    wl = Workload("t", 100, [Request(0.0, 500, 1, x), Request(0.001, 800, 1, y),
+                             Request(0.002, 500, 1, x)])
+    at_arrival = SimConfig(1, 10, 100, shared_prefix_kv=True, radix_nodes=True)
+    at_start = SimConfig(1, 10, 100, shared_prefix_kv=True, radix_nodes=True,
+                         match_at_admission=True)
+    arrival, start = simulate(wl, "stock", at_arrival), simulate(wl, "stock", at_start)
+    assert arrival.hits == [0, 0, 500]
+    assert start.hits == [0, 0, 0]
+    assert start.wait == arrival.wait and start.wait[2] > 0  # C did queue behind B
+    # Nothing queued: arrival and start are one moment. Each prompt evicts the other
+    # context's node (unlocked, its request ended), so every request misses.
+    spaced = Workload("t", 100, [replace(r, arrival_s=1e5 * i) for i, r in
+                                 enumerate([*wl.requests, Request(0.0, 800, 1, y)])])
+    for policy in ("stock", "cache_aware"):
+        assert simulate(spaced, policy, at_arrival).hits == [0, 0, 0, 0]
+        assert simulate(spaced, policy, at_start).hits == [0, 0, 0, 0]
+    # B queued behind A: matched at arrival, Y is the one unlocked node and goes whole,
+    # X is kept for a later request; at admission A has ended and X goes instead.
+    late = Workload("t", 100, [*wl.requests[:2], Request(1e6, 500, 1, x)])
+    assert simulate(late, "stock", at_arrival).hits == [0, 0, 500]
+    assert simulate(late, "stock", at_start).hits == [0, 0, 0]
+
+
+def test_a_request_locks_its_prefix_before_its_kv_and_frees_its_kv_before_unlocking():
+    # 10 blocks; A reads X (5 blocks) and writes 600 tokens (6 blocks held while it runs):
+    # 4 blocks beside A's KV, less than X. Locked first, X survives A's allocation, and
+    # A's KV is freed before X is unlocked, so B, queued behind A, still finds X.
+    # (Allocating before locking would evict X whole; unlocking first would evict it
+    # before the 6 blocks came back.)
+    x = piece_keys([(1, 500)], 100)
+    wl = Workload("t", 100, [Request(0.0, 500, 600, x), Request(0.001, 500, 1, x)])
+    cfg = SimConfig(1, 10, 100, shared_prefix_kv=True, radix_nodes=True,
+                    match_at_admission=True)
+    res = simulate(wl, "stock", cfg)
+    assert res.hits == [0, 500] and res.wait[1] > 0
 
 
 def test_the_radix_model_needs_shared_prefix_kv():
@@ -105,3 +149,5 @@ def test_the_radix_model_needs_shared_prefix_kv():
         SimConfig(1, 16, 100, radix_nodes=True)
     with pytest.raises(ValueError, match="chunked_prefill_tokens"):
         SimConfig(1, 16, 100, shared_prefix_kv=True, radix_nodes=True, chunked_prefill_tokens=-1)
+    with pytest.raises(ValueError, match="match_at_admission needs radix_nodes"):
+        SimConfig(1, 16, 100, shared_prefix_kv=True, match_at_admission=True)

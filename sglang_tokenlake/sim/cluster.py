@@ -21,6 +21,7 @@ arrival, the instances whose running KV changed, so the caches can shrink or gro
 from __future__ import annotations
 
 import heapq
+import math
 from typing import NamedTuple
 
 from sglang_tokenlake.sim.compute import ComputeModel
@@ -70,7 +71,8 @@ class Cluster:
         self.instances = [Instance(f"w{i:0{width}d}") for i in range(n)]
         self.ids = [x.id for x in self.instances]
         self.running_kv = [0] * n  # KV tokens held by started, unfinished requests
-        self._kv_events: list[tuple[float, int, int]] = []  # (time, instance, +/- tokens)
+        self._kv_events: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+        """Per instance, a heap of (time, +/- tokens)."""
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -78,12 +80,27 @@ class Cluster:
     def kv_changes(self, now: float) -> dict[int, int]:
         """Apply the KV holds that began or ended by ``now``; return instance -> running KV
         tokens for the instances whose running KV changed."""
-        ev, kv, out = self._kv_events, self.running_kv, {}
-        while ev and ev[0][0] <= now:
-            _, i, d = heapq.heappop(ev)
-            kv[i] += d
-            out[i] = kv[i]
-        return out
+        due = sorted((ev[0][0], i) for i, ev in enumerate(self._kv_events) if ev and ev[0][0] <= now)
+        return {i: self.kv_advance(i, now) for _, i in due}  # in the order of their first change
+
+    def kv_advance(self, i: int, t: float) -> int:
+        """Apply instance ``i``'s KV holds that began or ended by ``t``; return its running
+        KV tokens."""
+        ev, kv = self._kv_events[i], self.running_kv
+        while ev and ev[0][0] <= t:
+            kv[i] += heapq.heappop(ev)[1]
+        return kv[i]
+
+    def kv_next(self, i: int) -> tuple[float, bool]:
+        """When instance ``i``'s running KV changes next (``inf``: nothing pending), and
+        whether that change frees KV."""
+        ev = self._kv_events[i]
+        return (ev[0][0], ev[0][1] < 0) if ev else (math.inf, False)
+
+    def kv_step(self, i: int) -> int:
+        """Apply instance ``i``'s next KV change alone; return its running KV tokens."""
+        self.running_kv[i] += heapq.heappop(self._kv_events[i])[1]
+        return self.running_kv[i]
 
     def inflights(self, now: float) -> list[int]:
         return [x.inflight(now) for x in self.instances]
@@ -114,8 +131,8 @@ class Cluster:
         end = ready + prefill + output_tokens * c.tpot_s(decode_ctx, batch)
         heapq.heappush(x.ends, end)
         if kv_tokens > 0:
-            heapq.heappush(self._kv_events, (start, i, kv_tokens))
-            heapq.heappush(self._kv_events, (end, i, -kv_tokens))
+            heapq.heappush(self._kv_events[i], (start, kv_tokens))
+            heapq.heappush(self._kv_events[i], (end, -kv_tokens))
         return Admission(start - now, ttft, start, end)
 
     def charge(self, i: int, now: float, seconds: float) -> None:

@@ -1,7 +1,7 @@
 """The simulation loop: requests in arrival order through one policy on one cluster.
 
 Per request, at its arrival ``now``: the running requests' KV holds that began or
-ended by ``now`` resize the caches (``SimConfig.memory_pressure``); the policy picks
+ended by ``now`` resize the caches (``SimConfig.memory_pressure``, ``Policy.advance``); the policy picks
 the executor and serves the cached prefix (``Policy.serve``); with
 ``SimConfig.prefill_visibility`` the hit is cut at the first block whose prefill is
 still running when the request starts (``Prefills``); the cluster queues the work and
@@ -54,6 +54,8 @@ class RunResult:
     served: list[int] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     wait: list[float] = field(default_factory=list)
+    hits: list[int] = field(default_factory=list)
+    """Hit tokens of each request, in the workload's order."""
     makespan_s: float = 0.0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -175,9 +177,7 @@ def simulate(workload: Workload, policy_name: str, cfg: SimConfig,
     for n, req in enumerate(workload.requests):
         now = (req.arrival_s - first) * cfg.time_stretch
         if cfg.memory_pressure:
-            changed = cluster.kv_changes(now)
-            if changed:
-                policy.pressure(changed, now)
+            policy.advance(now)
         out = policy.serve(req, now)
         if prefills is None:
             _account(cluster, policy, cfg, req, now, out, res)
@@ -229,6 +229,7 @@ def _account(cluster: Cluster, policy: Policy, cfg: SimConfig, req: Request, now
     res.requests += 1
     res.input_tokens += req.input_tokens
     res.hit_tokens += out.hit_tokens
+    res.hits.append(out.hit_tokens)
     res.ttft.append(adm.ttft)
     res.wait.append(adm.wait)
     return adm.ttft

@@ -24,9 +24,11 @@ part of its prompt outside its worker's cache (``SimConfig.shared_prefix_kv``); 
 prefix is usable once the prefill that computes it has finished, and a request's hit
 is decided when it starts (``SimConfig.prefill_visibility``); the stock workers' caches are
 SGLang's radix tree: whole nodes evicted, a node ending at each 4,096-token prefill chunk,
-running prefixes locked (``SimConfig.radix_nodes``, ``sim/radix.py``). It prints the
-simulated against the measured hit rate and load CV (requests per worker) per
-configuration, and writes ``sim_vs_live.json`` beside the run.
+running prefixes locked (``SimConfig.radix_nodes``, ``sim/radix.py``), matched when a
+request starts, as SGLang does at admission (``SimConfig.match_at_admission``). It prints
+the simulated against the measured hit rate and load CV (requests per worker) per
+configuration, and request by request how many replayed hits agree with the live ones
+(``per_request``), and writes ``sim_vs_live.json`` beside the run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import xxhash
 
@@ -69,10 +71,19 @@ def _cv(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs)) / m
 
 
+class Replay(NamedTuple):
+    """One workload of a harness run as the simulator replays it."""
+
+    workload: Workload
+    chars_per_token: float
+    """Mean characters per token of the prompts as the router sees them (ids joined by spaces)."""
+    rids: list[str]
+    """The harness's request id of each of ``workload.requests``."""
+
+
 def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
-                    segment_size: int) -> tuple[Workload, float]:
-    """The harness's requests of one workload as simulator requests, and the mean
-    characters per token of their text as the router sees it (ids joined by spaces)."""
+                    segment_size: int) -> Replay:
+    """The harness's requests of one workload as simulator requests (``Replay``)."""
     from sglang_tokenlake.bench.workloads import GENERATORS, build, full_prompt
 
     params = dict(meta_wl["params"])
@@ -99,7 +110,26 @@ def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
         out.append(Request(r.arrival_s, len(prompt), r.max_new_tokens, tuple(keys)))
         chars += sum(len(str(t)) + 1 for t in prompt)
         tokens += len(prompt)
-    return Workload(meta_wl["name"], segment_size, out), chars / max(tokens, 1)
+    return Replay(Workload(meta_wl["name"], segment_size, out), chars / max(tokens, 1),
+                  [r.rid for r in wl.requests])
+
+
+def per_request(rids: list[str], simulated: list[int], measured: dict[str, dict[str, Any]],
+                segment_size: int) -> dict[str, Any]:
+    """Request by request, the replay's hit tokens against the live ones (``measured``:
+    rid -> the run's record, requests that failed left out): how many agree within one
+    segment, and the sum of the differences over the prompt tokens (a hit rate's units,
+    without the cancelling of the aggregate's)."""
+    diff = tokens = matched = n = 0
+    for rid, sim in zip(rids, simulated):
+        rec = measured.get(rid)
+        if rec is None or rec.get("error"):
+            continue
+        d = abs(int(rec["cached_tokens"]) - sim)
+        n, matched = n + 1, matched + (d < segment_size)
+        diff, tokens = diff + d, tokens + int(rec["prompt_tokens"])
+    return {"requests_compared": n, "requests_matched": matched,
+            "per_request_diff": round(diff / tokens, 4) if tokens else None}
 
 
 def pool_config_of(settings: dict[str, Any]) -> TokenLakeConfig:
@@ -149,22 +179,24 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
     settings["tokenlake_args"] = [*(settings.get("tokenlake_args") or []), *tokenlake_args]
     S, workers = int(settings["segment_size"]), int(settings["workers"])
     kv = int(settings["max_total_tokens"])
-    records: dict[tuple[str, str], dict[str, Any]] = {}
+    records: dict[tuple[str, str], dict[str, Any]] = {}  # any configuration's: the outputs
+    measured: dict[tuple[str, float, str], dict[str, dict[str, Any]]] = {}
     req_file = run_dir / "requests.jsonl"
     if req_file.exists():
         for line in req_file.read_text().splitlines():
             r = json.loads(line)
             records[(r["workload"], r["rid"])] = r
+            measured.setdefault((r["workload"], float(r["rate"]), r["config"]), {})[r["rid"]] = r
     compute = calibrated(bench.get("calibration", []), kv)
     rows = []
     for meta_wl in bench["meta"]["workloads"]:
         name = meta_wl["name"]
         recs = {rid: r for (w, rid), r in records.items() if w == name}
-        workload, cpt = replay_requests(meta_wl, recs, S)
+        workload, cpt, rids = replay_requests(meta_wl, recs, S)
         pool = pool_config_of(settings)
         cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
                         policy=pool.policy(), shared_prefix_kv=True, prefill_visibility=True,
-                        radix_nodes=True,
+                        radix_nodes=True, match_at_admission=True,
                         spill_window_s=pool.heartbeat_interval)
         sims: dict[str, Any] = {}
         rate = float(meta_wl["params"]["rate"])
@@ -190,6 +222,8 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
                    if "cache_aware" in (pol, ex) else {}),
                 **({"simulated_spilled_segments": res.extra["spilled_segments"]}
                    if "spilled_segments" in res.extra else {}),
+                **(per_request(rids, res.hits, measured[(name, rate, s["config"])], S)
+                   if (name, rate, s["config"]) in measured else {}),
             })
     return rows
 
@@ -216,11 +250,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:  # a malformed TokenLake flag (it names itself), or no samples
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| workload | rate | config | hit rate live | sim | diff | load CV live | sim |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| workload | rate | config | hit rate live | sim | diff | requests matched "
+          "| per-request diff | load CV live | sim |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        matched = (f"{r['requests_matched']} / {r['requests_compared']}"
+                   if "requests_compared" in r else "–")
+        prd = r.get("per_request_diff")
         print(f"| {r['workload']} | {r['rate']:g} | {r['config']} | {r['measured_hit_rate']:.3f} "
-              f"| {r['simulated_hit_rate']:.3f} | {r['hit_rate_diff']:+.3f} "
+              f"| {r['simulated_hit_rate']:.3f} | {r['hit_rate_diff']:+.3f} | {matched} "
+              f"| {'–' if prd is None else f'{prd:.3f}'} "
               f"| {r['measured_load_cv']:.3f} | {r['simulated_load_cv']:.3f} |")
     out = args.out or args.run / "sim_vs_live.json"
     out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -96,6 +96,12 @@ class SimConfig:
     into its tree after each chunk, so a node ends there); 0: no chunking. Rounded down
     to whole blocks."""
 
+    match_at_admission: bool = False
+    """With ``radix_nodes``: a stock worker matches a request's prompt against its cache as
+    the cache will be when the request starts (its queue worked off: the running prefixes
+    locked and released and the running KV held by then), as SGLang does at admission,
+    instead of when it arrives and is routed."""
+
     spill_window_s: float = 0.5
     """TokenLake with ``policy.spill_margin``: each member receives at most ``SPILL_SHARE``
     of its capacity in spilled segments per this many seconds (the live pool's
@@ -108,6 +114,8 @@ class SimConfig:
         if self.radix_nodes and not (self.memory_pressure and self.shared_prefix_kv):
             raise ValueError("radix_nodes needs memory_pressure and shared_prefix_kv (a running "
                              "request's locked prefix is its KV, counted once)")
+        if self.match_at_admission and not self.radix_nodes:
+            raise ValueError("match_at_admission needs radix_nodes")
         if self.chunked_prefill_tokens < 0:
             raise ValueError(f"chunked_prefill_tokens must be >= 0, got {self.chunked_prefill_tokens}")
         if not self.spill_window_s > 0:

@@ -21,7 +21,9 @@
 All caches are block-level radix LRUs (``PrefixLRU``); a request hits the longest
 prefix of its full blocks that its cache holds, then touches/inserts all of them.
 With ``SimConfig.radix_nodes`` (the live replay) the per-instance caches are SGLang's
-radix tree instead (``RadixNodeLRU``: whole nodes evicted, running prefixes locked).
+radix tree instead (``RadixNodeLRU``: whole nodes evicted, running prefixes locked), and with
+``SimConfig.match_at_admission`` a request is matched against its worker's cache as it is
+when the request starts (the worker's own events applied up to then).
 Memory pressure (``Policy.pressure``): an instance's cache holds ``capacity_blocks``
 less the blocks its running requests occupy; the pooled caches less the sum.
 """
@@ -84,6 +86,13 @@ class Policy:
     def serve(self, req: Request, now: float) -> Outcome:
         raise NotImplementedError
 
+    def advance(self, now: float) -> None:
+        """Time moves on to ``now`` (with ``SimConfig.memory_pressure``): the caches of the
+        instances whose running KV changed since are resized (``pressure``)."""
+        changed = self.cluster.kv_changes(now)
+        if changed:
+            self.pressure(changed, now)
+
     def pressure(self, running: Mapping[int, int], now: float) -> None:
         """Instances whose running requests hold ``running[i]`` KV tokens at ``now``: resize caches."""
         raise NotImplementedError
@@ -107,9 +116,10 @@ class Stock(Policy):
             self.caches = [RadixNodeLRU(cfg.capacity_blocks, chunk) for _ in range(cfg.instances)]
         else:
             self.caches = [PrefixLRU(cfg.capacity_blocks) for _ in range(cfg.instances)]
-        self._locks: list[tuple[float, int, int, int, Sequence[int]]] = []
-        """Heap of (time, 0 lock / 1 release, seq, instance, keys): a running request's
-        prefix locked at its start and released at its end (``RadixNodeLRU``)."""
+        self._locks: list[list[tuple[float, int, int, Sequence[int]]]] = [
+            [] for _ in range(cfg.instances)]
+        """Per instance, a heap of (time, 0 lock / 1 release, seq, keys): a running
+        request's prefix locked at its start and released at its end (``RadixNodeLRU``)."""
         self._held: dict[int, Optional[Node]] = {}  # lock seq -> RadixNodeLRU.lock's handle
         self._seq = itertools.count()
 
@@ -120,6 +130,9 @@ class Stock(Policy):
 
     def serve(self, req: Request, now: float) -> Outcome:
         i = self.route(req, now)
+        if self.cfg.match_at_admission:  # the cache as it will be when the request starts
+            x = self.cluster.instances[i]
+            self._advance(i, x.free_at if x.free_at > now else now)
         full = self.full(req)
         cache = self.caches[i]
         hit = cache.match(full)
@@ -129,24 +142,53 @@ class Stock(Policy):
     def admitted(self, req: Request, out: Outcome, start: float, end: float) -> None:
         if not self.cfg.radix_nodes:
             return
-        seq = next(self._seq)
-        heapq.heappush(self._locks, (start, 0, seq, out.worker, self.full(req)))
-        heapq.heappush(self._locks, (max(start, end), 1, seq, out.worker, ()))
+        seq, locks = next(self._seq), self._locks[out.worker]
+        heapq.heappush(locks, (start, 0, seq, self.full(req)))
+        heapq.heappush(locks, (max(start, end), 1, seq, ()))
+
+    def advance(self, now: float) -> None:
+        if not self.cfg.match_at_admission:
+            super().advance(now)
+            return
+        for i in range(len(self.caches)):
+            self._advance(i, now)
 
     def pressure(self, running: Mapping[int, int], now: float) -> None:
-        touched = set(running)
-        locks = self._locks
-        while locks and locks[0][0] <= now:  # running prefixes locked and released by now
-            _, release, seq, i, keys = heapq.heappop(locks)
-            if not release:
-                self._held[seq] = self.caches[i].lock(keys)
-            else:
-                self.caches[i].unlock(self._held.pop(seq))
-                touched.add(i)
-        for i in touched:
-            cache = self.caches[i]
+        for i, (cache, locks) in enumerate(zip(self.caches, self._locks)):
+            released = False
+            while locks and locks[0][0] <= now:  # running prefixes locked and released by now
+                released |= self._lock_event(i)
             if i in running:
                 cache.capacity = self.room(running[i])
+            if released or i in running:
+                cache.overflow()
+
+    def _lock_event(self, i: int) -> bool:
+        """Apply instance ``i``'s next lock event; True if it released a prefix."""
+        _, release, seq, keys = heapq.heappop(self._locks[i])
+        if release:
+            self.caches[i].unlock(self._held.pop(seq))
+        else:
+            self._held[seq] = self.caches[i].lock(keys)
+        return bool(release)
+
+    def _advance(self, i: int, t: float) -> None:
+        """Instance ``i``'s cache at ``t``, event by event as SGLang sees them, which may
+        lie ahead of the other instances' clocks: the cache shrinks at every allocation;
+        a starting request locks its prefix before its KV is allocated, and an ending one
+        frees its KV before its prefix is unlocked (at one moment: KV freed, prefixes
+        locked, KV allocated, prefixes unlocked)."""
+        cluster, locks, cache = self.cluster, self._locks[i], self.caches[i]
+        while True:
+            tk, freed = cluster.kv_next(i)
+            kv = (tk, 0 if freed else 2)
+            lk = (locks[0][0], 1 + 2 * locks[0][1]) if locks else (math.inf, 0)
+            if min(kv, lk)[0] > t:
+                return
+            if lk < kv:
+                self._lock_event(i)
+            else:
+                cache.capacity = self.room(cluster.kv_step(i))
             cache.overflow()
 
 
