@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
@@ -226,6 +227,13 @@ class TokenLakeConfig:
         "Check the slot invariant (free + cached + locked == capacity) after every "
         "eviction and insert. Slow; for debugging.",
     )
+    request_log: Optional[str] = _f(
+        None,
+        "Append one JSON line per finished request to this file: its id (the rid of "
+        "SGLang's responses), this worker's broker address, the time, its prompt and cached "
+        "tokens, and of the cached ones how many were pulled from or shipped to other "
+        "workers (the rest were local). Workers may share one file (a line is one append).",
+    )
 
     def __post_init__(self) -> None:
         if self.segment_size <= 0:
@@ -274,6 +282,11 @@ class TokenLakeConfig:
             )
         if self.max_inflight <= 0:
             raise ValueError(f"--{FLAG_PREFIX}-max-inflight must be positive, got {self.max_inflight}")
+        if self.request_log is not None:
+            folder = os.path.dirname(os.path.abspath(self.request_log)) if self.request_log else ""
+            if not self.request_log or not os.path.isdir(folder):
+                raise ValueError(f"--{FLAG_PREFIX}-request-log {self.request_log!r}: "
+                                 f"no such folder {folder!r}")
         if self.log_interval < 0:
             raise ValueError(
                 f"--{FLAG_PREFIX}-log-interval must be >= 0, got {self.log_interval}"

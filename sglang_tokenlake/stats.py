@@ -32,6 +32,14 @@ class CacheStats:
     shipped_tokens: int = 0
     pull_fallbacks: int = 0
 
+    def finish(self, prompt_tokens: int, cached_tokens: int) -> int:
+        """Count a finished request; return its hit tokens (at most its prompt)."""
+        hit = min(cached_tokens, prompt_tokens)
+        self.hit_tokens += hit
+        self.miss_tokens += prompt_tokens - hit
+        self.requests += 1
+        return hit
+
     def count_evicted(self, nodes: Iterable[SegmentNode]) -> None:
         """Count dropped local copies: all, the transient ones, and the pool's last
         copies (no other worker known to hold the segment, a spill's target included:

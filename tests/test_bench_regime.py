@@ -199,3 +199,64 @@ def test_each_workload_is_judged_by_its_own_slo(tmp_path):
     assert doc["meta"]["slo"]["longdoc"] == {"ttft_s": 8.0, "tbt_s": 0.2}
     md = (tmp_path / "bench.md").read_text()
     assert "longdoc: TTFT <= 8 s and mean TBT <= 0.2 s" in md
+
+
+def test_tokenlake_workers_share_a_request_log_and_records_learn_their_worker(tmp_path):
+    from sglang_tokenlake.bench.load import RequestRecord
+    from sglang_tokenlake.bench.runner import attribute
+    from sglang_tokenlake.request_log import RequestLog, read
+
+    s = ClusterSettings(model="m", workers=2, device="cpu",
+                        tokenlake_args=["--tokenlake-remote-mode", "pull"])
+    pool = PoolSpec((21001, 21002))
+    log = tmp_path / "requests.jsonl"
+    for sp in worker_specs(CONFIGS["tokenlake-p2c"], s, pool=pool, request_log=log):
+        argv = sp.argv()
+        # the harness's log first: a --tokenlake-request-log in the run's own flags wins
+        assert argv.index("--tokenlake-request-log") < argv.index("--tokenlake-remote-mode")
+        assert argv[argv.index("--tokenlake-request-log") + 1] == str(log)
+    stock = worker_specs(CONFIGS["stock-rr"], s, pool=pool, request_log=log)
+    assert "--tokenlake-request-log" not in stock[0].argv()
+    # Two workers append to one file; the records find their lines by SGLang's rid.
+    w0, w1 = pool.broker_addrs
+    RequestLog(str(log)).write("warm-up", w0, 64, 0)
+    RequestLog(str(log)).write("abc", w1, 600, 512, (448, 0))
+    RequestLog(str(log)).write("def", w0, 600, 512)
+    with open(log, "a") as f:
+        f.write('{"rid": "torn"')  # a worker stopped mid-line
+    recs = [RequestRecord("docs-0", "d0", server_rid="abc"),
+            RequestRecord("docs-1", "d0", server_rid="def"),
+            RequestRecord("docs-2", "d1", server_rid="gone"), RequestRecord("docs-3", "d1")]
+    assert [r["rid"] for r in read(str(log))] == ["warm-up", "abc", "def"]
+    assert attribute(recs, read(str(log)), pool.broker_addrs) == 2
+    assert [(r.worker, r.pulled_tokens, r.shipped_tokens) for r in recs] == [
+        (1, 448, 0), (0, 0, 0), (None, None, None), (None, None, None)]
+
+
+def test_a_request_log_in_a_missing_folder_is_refused(tmp_path):
+    from sglang_tokenlake.config import TokenLakeConfig
+
+    with pytest.raises(ValueError, match="request-log.*no such folder"):
+        TokenLakeConfig(request_log=str(tmp_path / "nowhere" / "r.jsonl"))
+    with pytest.raises(ValueError, match="request-log"):
+        TokenLakeConfig(request_log="")
+    assert TokenLakeConfig(request_log=str(tmp_path / "r.jsonl")).request_log
+
+
+def test_a_failed_request_log_write_ends_the_log_without_failing_the_request(tmp_path,
+                                                                             monkeypatch):
+    import os
+
+    from sglang_tokenlake.request_log import RequestLog, read
+
+    log = RequestLog(str(tmp_path / "r.jsonl"))
+    log.write("a", None, 10, 0)
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    log.write("b", None, 10, 0)  # no exception
+    monkeypatch.undo()
+    log.write("c", None, 10, 0)  # the log ended: nothing more
+    assert [r["rid"] for r in read(str(tmp_path / "r.jsonl"))] == ["a"]

@@ -89,6 +89,17 @@ def test_numbers_are_sane(run):
     assert len(doc["ratios"]) == 1  # tokenlake-least-load vs the stock configuration
     lines = (out / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 8
+    # TokenLake's workers logged every request: where it ran agrees with their counters.
+    recs = [json.loads(line) for line in lines]
+    for cfg, s in zip(CONFIGS, doc["summaries"]):
+        mine = [r for r in recs if r["config"] == cfg]
+        assert all(r["server_rid"] for r in mine)
+        if cfg.startswith("stock"):
+            assert all(r["worker"] is None for r in mine)
+            continue
+        assert [sum(r["worker"] == i for r in mine) for i in range(2)] == s["worker_requests"]
+        assert all(0 <= r["pulled_tokens"] + r["shipped_tokens"] <= r["cached_tokens"]
+                   for r in mine)
 
 
 def test_every_process_is_stopped(run):

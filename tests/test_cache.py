@@ -326,3 +326,24 @@ def test_evictions_count_transient_copies_and_the_pools_last_copies():
     assert (s.evicted_segments, s.evicted_transient_segments, s.evicted_last_copies) == (5, 1, 3)
     assert alloc.available_size() == 256
     assert cache.status()["stats"]["evicted_last_copies"] == 3
+
+
+def test_the_request_log_has_one_line_per_finished_request(tmp_path):
+    from sglang_tokenlake.request_log import read
+
+    path = tmp_path / "requests.jsonl"
+    cache, sched, _ = make(segment_size=8, request_log=str(path))
+    a = FakeReq("a", list(range(1, 30)))
+    sched.admit(a)
+    sched.finish(a)
+    b = FakeReq("b", list(range(1, 20)) + [99] * 10)  # shares 2 full segments with a
+    sched.admit(b)
+    sched.finish(b, checkpoint=False)
+    c = FakeReq("c", list(range(1, 30)))
+    sched.admit(c)
+    recs = read(str(path))
+    assert [(r["rid"], r["worker"], r["prompt_tokens"], r["cached_tokens"],
+             r["pulled_tokens"], r["shipped_tokens"]) for r in recs] == [
+        ("a", None, 29, 0, 0, 0), ("b", None, 29, 16, 0, 0)]
+    assert all(r["t"] > 0 for r in recs)
+    assert cache.stats.requests == 2 and cache.stats.hit_tokens == 16

@@ -220,6 +220,9 @@ def test_pull_brings_the_whole_run_in_and_honours_the_plan():
     for n in remote:  # B, a home, holds it: the pulled copy is a transient duplicate
         assert not a.tree.nodes[n.key].designated
         assert designated_holders(hosts, n.key) == [B]
+    # released, the request reports what was pulled for it (the request log's figures)
+    assert a.pool.forget(req) == (len(remote) * S, 0)
+    assert a.pool.forget(req) is None
     check_all(hosts)
 
 
@@ -242,7 +245,8 @@ def test_segments_served_to_a_peer_are_as_recent_at_their_owner_as_a_local_hit(m
     loaded, _ = a.pool.transfers.load_back(req, run[-1], device, len(run) * S)
     assert loaded == len(x) * S
     b.pool.poll()  # B's scheduler: marks what it served, pins what it leased
-    a.pool.forget(req)
+    served = len(x) * S
+    assert a.pool.forget(req) == ((served, 0) if mode == "pull" else (0, served))
     for h in hosts.values():
         h.pool.poll()
     gone = {n.key for n in b.evict(len(y) * S)}
@@ -265,6 +269,7 @@ def test_a_failed_pull_commits_nothing():
     assert (loaded, last) == (0, device)
     assert a.free_tokens() == free_before and a.tree.local_nodes == local_before
     assert a.stats.pull_fallbacks == 1
+    assert a.pool.forget(req) is None  # nothing was served to it from the pool
     c = a.pool.counters
     assert (c["pull_failures"], c["pull_not_found"], c["pull_errors"]) == (1, 0, 1)
     assert c["pull_deferrals"] == 0

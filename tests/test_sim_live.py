@@ -241,6 +241,14 @@ def test_per_request_agreement_counts_each_request_once():
     assert got == {"requests_compared": 3, "requests_matched": 1,
                    "per_request_diff": round((40 + 128 + 256) / 1300, 4)}
     assert per_request(["x"], [0], {}, 64)["per_request_diff"] is None
+    assert "executors_compared" not in got  # no record names its worker
+    # With TokenLake's request log the records name their worker: a and c ran where the
+    # replay ran them, b did not; the failed d is not compared.
+    for rid, w in (("a", 1), ("b", 0), ("c", 2), ("d", 1)):
+        measured[rid]["worker"] = w
+    got = per_request(["a", "b", "c", "d", "e"], [472, 128, 0, 0, 64], measured, 64,
+                      executors=[1, 1, 2, 1, 0])
+    assert (got["executors_compared"], got["executors_matched"]) == (3, 2)
 
 
 def test_compare_reports_request_by_request_agreement_where_requests_were_recorded(tmp_path):

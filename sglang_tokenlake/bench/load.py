@@ -34,6 +34,14 @@ class RequestRecord:
     output_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
     error: str = ""
+    server_rid: str = ""
+    """The id SGLang gave the request (``meta_info["id"]``)."""
+    worker: Optional[int] = None
+    """TokenLake configurations: the worker that ran it (its index in the run's worker list)
+    and, of ``cached_tokens``, those pulled from and shipped to other workers, from the
+    workers' ``--tokenlake-request-log``; None where no worker logged it."""
+    pulled_tokens: Optional[int] = None
+    shipped_tokens: Optional[int] = None
 
     @property
     def ok(self) -> bool:
@@ -105,6 +113,7 @@ async def stream_generate(session: Any, url: str, input_ids: Sequence[int], max_
     rec.e2e_s = last_t - t_send
     rec.output_tokens = len(rec.output_ids)
     rec.cached_tokens = int(meta.get("cached_tokens", 0) or 0)
+    rec.server_rid = str(meta.get("id") or "")
     if rec.output_tokens != max_new_tokens:
         rec.error = f"got {rec.output_tokens} output tokens, asked for {max_new_tokens}"
 

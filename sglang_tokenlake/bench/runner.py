@@ -29,6 +29,7 @@ from sglang_tokenlake.bench.frontends import Frontend
 from sglang_tokenlake.bench.load import RequestRecord, run_one, run_replay
 from sglang_tokenlake.bench.workloads import BenchWorkload
 from sglang_tokenlake.cluster import PoolSpec, Worker, WorkerSpec, start_workers, wait_pool
+from sglang_tokenlake.request_log import read as read_request_log
 from sglang_tokenlake.sim.routing import CacheAwareConfig
 
 
@@ -213,15 +214,18 @@ def cpu_budgets(s: ClusterSettings, ports: Sequence[int]) -> list[cpuquota.CpuBu
 
 
 def worker_specs(cfg: Config, s: ClusterSettings, log_env: Optional[dict[str, str]] = None,
-                 budgets: Sequence[cpuquota.CpuBudget] = (), pool: Optional[PoolSpec] = None
-                 ) -> list[WorkerSpec]:
+                 budgets: Sequence[cpuquota.CpuBudget] = (), pool: Optional[PoolSpec] = None,
+                 request_log: Optional[Path] = None) -> list[WorkerSpec]:
     """The workers of one configuration (on ``pool``'s ports, or free ones); with
-    ``budgets`` (one per worker) each starts inside its own and gets threads to match."""
+    ``budgets`` (one per worker) each starts inside its own and gets threads to match;
+    TokenLake workers log their requests to ``request_log`` (a file they share)."""
     pool = pool or PoolSpec.pick(s.workers)
     if budgets and len(budgets) != len(pool.ports):
         raise ValueError(f"{len(budgets)} CPU budgets for {len(pool.ports)} workers")
     args = ["--enable-metrics", *s.extra_args]
     if cfg.backend == "tokenlake":
+        if request_log is not None:  # before the run's own flags, which may set another
+            args += ["--tokenlake-request-log", str(request_log)]
         args += [*pool.peer_args(), *s.tokenlake_args]
     specs = []
     for i, p in enumerate(pool.ports):
@@ -279,6 +283,25 @@ def calibrate(worker: Worker, workload: BenchWorkload, k: int, timeout: float
     return out
 
 
+def attribute(records: Sequence[RequestRecord], logged: Sequence[dict[str, Any]],
+              workers: Sequence[str]) -> int:
+    """Fill in each record's worker, pulled and shipped tokens from the workers' request
+    log (``workers``: their broker addresses in the run's order); return how many were
+    found. The log also holds warm-up and calibration requests, which match nothing."""
+    by_rid = {str(r.get("rid")): r for r in logged}
+    index = {w: i for i, w in enumerate(workers)}
+    found = 0
+    for rec in records:
+        r = by_rid.get(rec.server_rid) if rec.server_rid else None
+        if r is None:
+            continue
+        rec.worker = index.get(r.get("worker"))
+        rec.pulled_tokens = int(r.get("pulled_tokens") or 0)
+        rec.shipped_tokens = int(r.get("shipped_tokens") or 0)
+        found += 1
+    return found
+
+
 def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir: str | Path,
                on_done: Optional[Callable[[RequestRecord], None]] = None,
                say: Callable[[str], None] = print,
@@ -288,10 +311,12 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in log_dir.glob("*.log"):  # an earlier attempt's logs: kept aside, not mixed in
         old.replace(old.with_name(old.name + ".prev"))
+    request_log = log_dir / "requests.jsonl"
+    request_log.unlink(missing_ok=True)  # an earlier attempt's
     t0 = time.monotonic()
     pool = PoolSpec.pick(s.workers)
     budgets = cpu_budgets(s, pool.ports)
-    specs = worker_specs(cfg, s, budgets=budgets, pool=pool)
+    specs = worker_specs(cfg, s, budgets=budgets, pool=pool, request_log=request_log)
     say(f"[{cfg.name}] starting {len(specs)} workers (--cache-backend {cfg.backend}"
         + (f", {s.cpu_quota:g} cores each by {budgets[0].mech.kind}" if budgets else "")
         + f"); logs in {log_dir}")
@@ -338,6 +363,8 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
         except RuntimeError as e:
             raise WorkerLost(str(e)) from e
         replay_s = time.monotonic() - t1
+        if cfg.backend == "tokenlake" and request_log.exists():
+            attribute(records, read_request_log(str(request_log)), pool.broker_addrs)
         cpu = [{**b.record(), **{k: v - c0.get(k, 0) for k, v in b.stats().items()}}
                for b, c0 in zip(budgets, cpu_before)]
         after = counters.snapshot(urls, brokers)

@@ -294,10 +294,10 @@ class PoolLink:
         self.index.retract([n.key for n in nodes if n.designated])
         self.spill.send()
 
-    def forget(self, req: Any) -> None:
-        """A request left the scheduler: drop its dispatch decisions and shipping state."""
-        self.transfers.forget(req)
+    def forget(self, req: Any) -> Optional[tuple[int, int]]:
+        """A request left: drop its decisions and leases; its (pulled, shipped) tokens."""
         self.remote.detach(req)
+        return self.transfers.forget(req)
 
     # -- scheduler thread: periodic work ----------------------------------------------
 

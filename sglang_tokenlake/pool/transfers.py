@@ -90,6 +90,7 @@ class Transfers:
         self._pulls: dict[int, tuple[Future, int, float, str]] = {}
         self.missing: list[tuple[str, int]] = []  # (owner, key) a pull found gone
         self._deferrals: RequestTable[int] = RequestTable()  # req -> admissions deferred
+        self._served: RequestTable[tuple[int, int]] = RequestTable()  # req -> (pulled, shipped)
         self._migrating: set[int] = set()  # keys put to a new home, not yet acknowledged
         self._decisions: RequestTable[tuple[tuple[int, ...], list[Assignment], float]] = RequestTable()
         self.drop: set[SegmentNode] = set()  # transient copies to drop once unlocked
@@ -230,15 +231,18 @@ class Transfers:
                       [a.worker for a in plan if a.mode is Mode.PULL_KV])
         return run
 
-    def forget(self, req: Any) -> None:
-        """A request left the scheduler: drop its dispatch decisions."""
+    def forget(self, req: Any) -> Optional[tuple[int, int]]:
+        """A request left the scheduler: drop its dispatch decisions; return the tokens
+        of its prefix pulled and shipped (``load_back``; None if it loaded nothing)."""
         self._decisions.pop(req)
         self._deferrals.pop(req)
+        return self._served.pop(req)
 
     def sweep_requests(self) -> None:
         """Drop the decisions of requests that left without a release."""
         self._decisions.sweep()
         self._deferrals.sweep()
+        self._served.sweep()
 
     def reset(self) -> None:
         """The cache was flushed: nothing pending refers to the old tree's nodes."""
@@ -247,6 +251,7 @@ class Transfers:
         self._migrating.clear()
         self._decisions.clear()
         self._deferrals.clear()
+        self._served.clear()
         self.missing.clear()
 
     def load_back(self, req: Any, best_match_node: SegmentNode, device_node: SegmentNode,
@@ -323,6 +328,7 @@ class Transfers:
             stats.shipped_tokens += plan.remote_tokens()
             self.counters.add("shipped_segments", len(ship))
         stats.pulled_tokens += len(pull) * S
+        self._served.set(req, (len(pull) * S, plan.remote_tokens() if plan is not None else 0))
         return len(run) * S, run[-1]
 
     def _defer(self, req: Any) -> bool:

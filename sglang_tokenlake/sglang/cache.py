@@ -46,6 +46,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.kvio import merge_runs
 from sglang_tokenlake.pool.requests import RequestTable
+from sglang_tokenlake.request_log import RequestLog
 from sglang_tokenlake.segments import keys_from_bytes, request_namespace, segment_bytes
 from sglang_tokenlake.stats import CacheStats
 from sglang_tokenlake.tree import SegmentNode, SegmentTree
@@ -103,6 +104,7 @@ class TokenLakeCache(BasePrefixCache):
         dev = getattr(alloc, "device", "cpu") if alloc is not None else "cpu"
         self.device = torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
         self.stats = CacheStats()
+        self.request_log = RequestLog(config.request_log) if config.request_log else None
         self.metrics = None
         if params.enable_metrics:
             self.init_metrics_collector()
@@ -318,16 +320,14 @@ class TokenLakeCache(BasePrefixCache):
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self._lookups.pop(req)
-        if self.pool is not None:
-            self.pool.forget(req)
+        served = self.pool.forget(req) if self.pool is not None else None
         if req.finished():
             prompt = len(req.origin_input_ids)
-            hit = min(req.cached_tokens, prompt)
-            self.stats.hit_tokens += hit
-            self.stats.miss_tokens += prompt - hit
-            self.stats.requests += 1
+            hit = self.stats.finish(prompt, req.cached_tokens)
             if self.metrics is not None:
                 self.metrics.observe_request(hit, prompt - hit)
+            if self.request_log is not None:
+                self.request_log.write(req.rid, self.pool and self.pool.self_id, prompt, hit, served)
 
     # -- BasePrefixCache: locks and eviction ----------------------------------
 

@@ -56,6 +56,8 @@ class RunResult:
     wait: list[float] = field(default_factory=list)
     hits: list[int] = field(default_factory=list)
     """Hit tokens of each request, in the workload's order."""
+    executors: list[int] = field(default_factory=list)
+    """The instance each request ran on, in the workload's order."""
     makespan_s: float = 0.0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -230,6 +232,7 @@ def _account(cluster: Cluster, policy: Policy, cfg: SimConfig, req: Request, now
     res.input_tokens += req.input_tokens
     res.hit_tokens += out.hit_tokens
     res.hits.append(out.hit_tokens)
+    res.executors.append(out.worker)
     res.ttft.append(adm.ttft)
     res.wait.append(adm.wait)
     return adm.ttft

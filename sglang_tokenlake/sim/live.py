@@ -115,21 +115,26 @@ def replay_requests(meta_wl: dict[str, Any], records: dict[str, dict[str, Any]],
 
 
 def per_request(rids: list[str], simulated: list[int], measured: dict[str, dict[str, Any]],
-                segment_size: int) -> dict[str, Any]:
+                segment_size: int, executors: Optional[list[int]] = None) -> dict[str, Any]:
     """Request by request, the replay's hit tokens against the live ones (``measured``:
     rid -> the run's record, requests that failed left out): how many agree within one
     segment, and the sum of the differences over the prompt tokens (a hit rate's units,
-    without the cancelling of the aggregate's)."""
-    diff = tokens = matched = n = 0
-    for rid, sim in zip(rids, simulated):
+    without the cancelling of the aggregate's). Where the records name the worker that
+    ran them (TokenLake's request log), also how many ran where the replay ran them
+    (``executors``: the replay's, in ``rids`` order)."""
+    diff = tokens = matched = n = ran = same = 0
+    for j, (rid, sim) in enumerate(zip(rids, simulated)):
         rec = measured.get(rid)
         if rec is None or rec.get("error"):
             continue
         d = abs(int(rec["cached_tokens"]) - sim)
         n, matched = n + 1, matched + (d < segment_size)
         diff, tokens = diff + d, tokens + int(rec["prompt_tokens"])
+        if executors is not None and rec.get("worker") is not None:
+            ran, same = ran + 1, same + (int(rec["worker"]) == executors[j])
     return {"requests_compared": n, "requests_matched": matched,
-            "per_request_diff": round(diff / tokens, 4) if tokens else None}
+            "per_request_diff": round(diff / tokens, 4) if tokens else None,
+            **({"executors_compared": ran, "executors_matched": same} if ran else {})}
 
 
 def pool_config_of(settings: dict[str, Any]) -> TokenLakeConfig:
@@ -222,7 +227,8 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
                    if "cache_aware" in (pol, ex) else {}),
                 **({"simulated_spilled_segments": res.extra["spilled_segments"]}
                    if "spilled_segments" in res.extra else {}),
-                **(per_request(rids, res.hits, measured[(name, rate, s["config"])], S)
+                **(per_request(rids, res.hits, measured[(name, rate, s["config"])], S,
+                               res.executors)
                    if (name, rate, s["config"]) in measured else {}),
             })
     return rows

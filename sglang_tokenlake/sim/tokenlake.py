@@ -119,6 +119,7 @@ class TokenLake(Policy):
         self._sent: dict[str, int] = {}
         self._now = 0.0
         self._spilled = 0
+        self._evicted = self._evicted_last = 0  # segments evicted; of them the pool's last copies
         self._spill_bytes = 0
         # key -> (hand-overs, its stamp then): the count holds while the stamp does (a
         # request's use restamps the segment and so resets it).
@@ -294,6 +295,7 @@ class TokenLake(Policy):
         spill = self._spill
 
         def dropped(key: int, stamp: float) -> None:
+            self._evicted += 1
             holders = loc.get(key)
             if holders is None:
                 return
@@ -312,6 +314,7 @@ class TokenLake(Policy):
                     self._spill_bytes += self.cfg.shape.kv_bytes(self.seg)
                     return
             del loc[key]
+            self._evicted_last += 1
             self._hops.pop(key, None)
             p = self.parent.pop(key, None)
             if p is not None:
@@ -390,6 +393,8 @@ class TokenLake(Policy):
             "replicas_made": self._replicas_made,
             "replicas_dropped": self._replicas_dropped,
             "peak_extra_replicas": self._peak_extra,
+            "evicted_segments": self._evicted,
+            "evicted_last_copies": self._evicted_last,
             "hot_segments_last_plan": len(self.policy.copies),
             **({"spilled_segments": self._spilled} if self._spill else {}),
             **({"router_decisions": dict(self._router.decisions)} if self._router else {}),
