@@ -421,3 +421,19 @@ def test_a_pressed_executor_ships_what_it_would_pull_with_room():
     # room, and nothing is charged.
     whole = served(True, shared_prefix_kv=False)
     assert whole.shipped == {} and whole.bytes["pull_kv"] == roomy.bytes["pull_kv"]
+
+
+def test_the_pool_counts_the_segments_it_evicts_and_its_last_copies():
+    from sglang_tokenlake.sim.workloads import piece_keys
+
+    a, b = piece_keys([(1, 400)], 100), piece_keys([(2, 400)], 100)
+    wl = Workload("t", 100, [Request(0.0, 400, 1, a), Request(1e3, 400, 1, b),
+                             Request(2e3, 400, 1, a)])
+    # One instance of 4 blocks: B evicts A's 4 blocks, A back evicts B's: all last copies.
+    one = simulate(wl, "tokenlake", SimConfig(1, 4, 100, memory_pressure=False))
+    assert (one.extra["evicted_segments"], one.extra["evicted_last_copies"]) == (8, 8)
+    assert one.hits == [0, 0, 0]
+    # Two: each context fits where it was placed; nothing leaves, A hits.
+    two = simulate(wl, "tokenlake", SimConfig(2, 4, 100, memory_pressure=False))
+    assert (two.extra["evicted_segments"], two.extra["evicted_last_copies"]) == (0, 0)
+    assert two.hits == [0, 0, 400]

@@ -251,6 +251,18 @@ def test_per_request_agreement_counts_each_request_once():
     assert (got["executors_compared"], got["executors_matched"]) == (3, 2)
 
 
+def test_executors_are_compared_under_the_best_naming_of_the_workers():
+    from sglang_tokenlake.sim.live import same_worker
+
+    # the live router put the first prefix on worker 2 where the replay chose 0: the same
+    # grouping under other names
+    assert same_worker([(0, 2), (0, 2), (1, 0), (2, 1), (1, 0)]) == 5
+    assert same_worker([(0, 2), (0, 2), (0, 1), (1, 1)]) == 3  # one naming for all
+    # beyond 8 workers the most frequent pairs are matched first
+    pairs = [(i, (i + 1) % 10) for i in range(10)] * 2 + [(0, 0)]
+    assert same_worker(pairs) == 20
+
+
 def test_compare_reports_request_by_request_agreement_where_requests_were_recorded(tmp_path):
     run = _bench(tmp_path, ["stock-rr", "tokenlake-rr"])
     wl, _, rids = replay_requests({"name": "docs", "params": PARAMS}, {}, 64)
@@ -265,3 +277,12 @@ def test_compare_reports_request_by_request_agreement_where_requests_were_record
     assert rr["per_request_diff"] == round(rr["simulated_hit_rate"], 4) > 0
     assert 0 < rr["requests_matched"] < 30  # the first request of each document missed
     assert "requests_compared" not in rows["tokenlake-rr"]  # none recorded for it
+    # the pool's last copies evicted, live (the run's counters) beside the replay's
+    assert "measured_evicted_last_copies" not in rows["tokenlake-rr"]  # no counters
+    bench = json.loads((run / "bench.json").read_text())
+    bench["summaries"][1]["tokenlake"] = {"evicted_last_copies": 7.0}
+    (run / "bench.json").write_text(json.dumps(bench))
+    tl = compare(run)[1]
+    assert tl["measured_evicted_last_copies"] == 7
+    assert tl["simulated_evicted_last_copies"] >= 0
+    assert "measured_evicted_last_copies" not in compare(run)[0]  # stock: no pool

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import math
 import shlex
@@ -122,7 +123,8 @@ def per_request(rids: list[str], simulated: list[int], measured: dict[str, dict[
     without the cancelling of the aggregate's). Where the records name the worker that
     ran them (TokenLake's request log), also how many ran where the replay ran them
     (``executors``: the replay's, in ``rids`` order)."""
-    diff = tokens = matched = n = ran = same = 0
+    diff = tokens = matched = n = 0
+    pairs: list[tuple[int, int]] = []  # (replay's worker, live worker)
     for j, (rid, sim) in enumerate(zip(rids, simulated)):
         rec = measured.get(rid)
         if rec is None or rec.get("error"):
@@ -131,10 +133,36 @@ def per_request(rids: list[str], simulated: list[int], measured: dict[str, dict[
         n, matched = n + 1, matched + (d < segment_size)
         diff, tokens = diff + d, tokens + int(rec["prompt_tokens"])
         if executors is not None and rec.get("worker") is not None:
-            ran, same = ran + 1, same + (int(rec["worker"]) == executors[j])
+            pairs.append((executors[j], int(rec["worker"])))
     return {"requests_compared": n, "requests_matched": matched,
             "per_request_diff": round(diff / tokens, 4) if tokens else None,
-            **({"executors_compared": ran, "executors_matched": same} if ran else {})}
+            **({"executors_compared": len(pairs), "executors_matched": same_worker(pairs)}
+               if pairs else {})}
+
+
+def same_worker(pairs: list[tuple[int, int]]) -> int:
+    """Of ``(replayed worker, live worker)`` pairs, how many ran together, under the naming
+    of the replay's workers after the live ones that agrees most often: which worker a
+    router picks for the first request of a prefix (a tie) is its own choice, and
+    worker 0 of the replay need not be worker 0 of the run. Every naming is tried up to 8
+    workers; beyond, the most frequent pairs are matched greedily."""
+    counts: dict[tuple[int, int], int] = {}
+    for pair in pairs:
+        counts[pair] = counts.get(pair, 0) + 1
+    sims = sorted({a for a, _ in pairs})
+    lives = sorted({b for _, b in pairs} | set(range(len(sims))))
+    if len(sims) <= 8 and len(lives) <= 8:
+        return max(sum(counts.get((a, b), 0) for a, b in zip(sims, perm))
+                   for perm in itertools.permutations(lives, len(sims)))
+    used_a: set[int] = set()
+    used_b: set[int] = set()
+    total = 0
+    for (a, b), c in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if a not in used_a and b not in used_b:
+            used_a.add(a)
+            used_b.add(b)
+            total += c
+    return total
 
 
 def pool_config_of(settings: dict[str, Any]) -> TokenLakeConfig:
@@ -227,6 +255,10 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
                    if "cache_aware" in (pol, ex) else {}),
                 **({"simulated_spilled_segments": res.extra["spilled_segments"]}
                    if "spilled_segments" in res.extra else {}),
+                **({"measured_evicted_last_copies": int(live_last),
+                    "simulated_evicted_last_copies": res.extra["evicted_last_copies"]}
+                   if (live_last := (s.get("tokenlake") or {}).get("evicted_last_copies"))
+                   is not None and "evicted_last_copies" in res.extra else {}),
                 **(per_request(rids, res.hits, measured[(name, rate, s["config"])], S,
                                res.executors)
                    if (name, rate, s["config"]) in measured else {}),
@@ -262,6 +294,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in rows:
         matched = (f"{r['requests_matched']} / {r['requests_compared']}"
                    if "requests_compared" in r else "–")
+        if "executors_compared" in r:
+            matched += f" (same worker {r['executors_matched']} / {r['executors_compared']})"
         prd = r.get("per_request_diff")
         print(f"| {r['workload']} | {r['rate']:g} | {r['config']} | {r['measured_hit_rate']:.3f} "
               f"| {r['simulated_hit_rate']:.3f} | {r['hit_rate_diff']:+.3f} | {matched} "
