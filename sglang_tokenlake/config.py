@@ -283,10 +283,11 @@ class TokenLakeConfig:
         if self.max_inflight <= 0:
             raise ValueError(f"--{FLAG_PREFIX}-max-inflight must be positive, got {self.max_inflight}")
         if self.request_log is not None:
-            folder = os.path.dirname(os.path.abspath(self.request_log)) if self.request_log else ""
-            if not self.request_log or not os.path.isdir(folder):
-                raise ValueError(f"--{FLAG_PREFIX}-request-log {self.request_log!r}: "
-                                 f"no such folder {folder!r}")
+            path = self.request_log
+            folder = os.path.dirname(os.path.abspath(path)) if path else ""
+            if not path or os.path.isdir(path) or not os.path.isdir(folder):
+                raise ValueError(f"--{FLAG_PREFIX}-request-log {path!r}: not a file in an "
+                                 f"existing folder")
         if self.log_interval < 0:
             raise ValueError(
                 f"--{FLAG_PREFIX}-log-interval must be >= 0, got {self.log_interval}"

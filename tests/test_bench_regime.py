@@ -236,10 +236,12 @@ def test_tokenlake_workers_share_a_request_log_and_records_learn_their_worker(tm
 def test_a_request_log_in_a_missing_folder_is_refused(tmp_path):
     from sglang_tokenlake.config import TokenLakeConfig
 
-    with pytest.raises(ValueError, match="request-log.*no such folder"):
+    with pytest.raises(ValueError, match="request-log.*not a file in an existing folder"):
         TokenLakeConfig(request_log=str(tmp_path / "nowhere" / "r.jsonl"))
     with pytest.raises(ValueError, match="request-log"):
         TokenLakeConfig(request_log="")
+    with pytest.raises(ValueError, match="request-log"):
+        TokenLakeConfig(request_log=str(tmp_path))  # a folder
     assert TokenLakeConfig(request_log=str(tmp_path / "r.jsonl")).request_log
 
 
