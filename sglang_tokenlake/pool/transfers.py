@@ -322,13 +322,15 @@ class Transfers:
                 return None
             stats.pull_fallbacks += 1
             return 0, device_node
+        pulled, shipped = len(pull) * S, 0
         if plan is not None:
             assert self.remote is not None
             self.remote.attach(req, plan)
-            stats.shipped_tokens += plan.remote_tokens()
+            shipped = plan.remote_tokens()
             self.counters.add("shipped_segments", len(ship))
-        stats.pulled_tokens += len(pull) * S
-        self._served.set(req, (len(pull) * S, plan.remote_tokens() if plan is not None else 0))
+        stats.pulled_tokens += pulled
+        stats.shipped_tokens += shipped
+        self._served.set(req, (pulled, shipped))
         return len(run) * S, run[-1]
 
     def _defer(self, req: Any) -> bool:

@@ -244,6 +244,7 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
                 sims[key] = simulate(workload, pol, replace(
                     cfg, tokenlake_executor=ex, router=router, tokenlake_router=router))
             res = sims[key]
+            live_last = (s.get("tokenlake") or {}).get("evicted_last_copies")
             sim_hit = res.hit_rate
             rows.append({
                 "workload": name, "rate": s["rate"], "config": s["config"], "policy": pol,
@@ -257,8 +258,7 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
                    if "spilled_segments" in res.extra else {}),
                 **({"measured_evicted_last_copies": int(live_last),
                     "simulated_evicted_last_copies": res.extra["evicted_last_copies"]}
-                   if (live_last := (s.get("tokenlake") or {}).get("evicted_last_copies"))
-                   is not None and "evicted_last_copies" in res.extra else {}),
+                   if live_last is not None and "evicted_last_copies" in res.extra else {}),
                 **(per_request(rids, res.hits, measured[(name, rate, s["config"])], S,
                                res.executors)
                    if (name, rate, s["config"]) in measured else {}),
