@@ -1,4 +1,5 @@
-"""Slot accounting of a TokenLake cache, from independent sources.
+"""Slot accounting of a TokenLake cache, from independent sources; its tree dump and
+statistics line.
 
 Every KV slot (counted in pages) is in exactly one of: the allocator's free
 list, the segment tree (``cached``), or a live request's req_to_token row past
@@ -11,12 +12,15 @@ a slot that nobody references (a leak) or that two owners share makes it fail.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
 
 from sglang_tokenlake.kvio import merge_runs
+
+logger = logging.getLogger(__name__)
 
 
 def tree_slots(cache: Any) -> Optional[torch.Tensor]:
@@ -106,3 +110,25 @@ def check(cache: Any, kvs: Optional[Iterable[Any]] = None) -> dict[str, int]:
         "held_derived": derived,
         "unaccounted": derived - held,
     }
+
+
+def print_tree(cache: Any) -> None:
+    """Print the cache's segment tree, one node per line (``pretty_print``)."""
+    stack = [(c, 1) for c in cache.tree.root.children.values()]
+    while stack:
+        node, depth = stack.pop()
+        print("  " * depth, f"seg {node.depth} key={node.key:#018x}",
+              f"local={node.is_local} lock={node.lock_ref} hits={node.hits}")
+        stack.extend((c, depth + 1) for c in node.children.values())
+    print(f"#tokens: {cache.total_size()}")
+
+
+def log_stats(cache: Any) -> None:
+    """One line of the cache's statistics in the server log (``--tokenlake-log-interval``)."""
+    s = cache.stats
+    logger.info(
+        "TokenLake cache: hit_tokens=%d miss_tokens=%d hit_rate=%.1f%% cached=%d/%d tokens "
+        "segments=%d evicted=%d",
+        s.hit_tokens, s.miss_tokens, 100.0 * s.hit_rate, cache.tree.cached_tokens,
+        int(cache.token_to_kv_pool_allocator.size), cache.tree.local_nodes, s.evicted_segments,
+    )

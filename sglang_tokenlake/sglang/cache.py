@@ -48,6 +48,7 @@ from sglang_tokenlake.kvio import merge_runs
 from sglang_tokenlake.pool.requests import RequestTable
 from sglang_tokenlake.request_log import RequestLog
 from sglang_tokenlake.segments import keys_from_bytes, request_namespace, segment_bytes
+from sglang_tokenlake.sglang import accounting
 from sglang_tokenlake.stats import CacheStats
 from sglang_tokenlake.tree import SegmentNode, SegmentTree
 
@@ -182,15 +183,7 @@ class TokenLakeCache(BasePrefixCache):
         if len(key) < self.segment_size:
             return self._empty_match
         req = params.req
-        memo = self._lookups.get(req) if req is not None else None
-        if memo is None or not memo.same_key(key):
-            keys, raw = self._key_chain(key)
-            if req is not None:
-                memo = _Lookup(key, keys, raw, observed=memo is not None and memo.observed)
-                self._lookups.set(req, memo)
-        else:
-            keys, raw = memo.keys, memo.raw
-            self.stats.lookup_memo_hits += 1
+        keys, raw, memo = self._chain(req, key)
         path = self.tree.match(keys, raw if self.config.verify_tokens else None)
         self.stats.lookups += 1
         run = self.pool.transfers.remote_run(keys, raw, len(path)) if self.pool is not None else []
@@ -209,6 +202,26 @@ class TokenLakeCache(BasePrefixCache):
             best_match_node=run[-1] if run else node,
             host_hit_length=len(run) * self.segment_size,
         )
+
+    def _chain(self, req: Any, key: Any) -> tuple[list[int], bytes, Optional[_Lookup]]:
+        """``key``'s segment keys and bytes, kept for ``req`` while its key stays the same."""
+        memo = self._lookups.get(req) if req is not None else None
+        if memo is not None and memo.same_key(key):
+            self.stats.lookup_memo_hits += 1
+            return memo.keys, memo.raw, memo
+        keys, raw = self._key_chain(key)
+        if req is not None:
+            memo = _Lookup(key, keys, raw, observed=memo is not None and memo.observed)
+            self._lookups.set(req, memo)
+        return keys, raw, memo
+
+    def resident_tokens(self, req: Any, key: Any) -> int:
+        """Tokens of ``key``'s prefix held here; no LRU touch, pool lookup or hotness count."""
+        if len(key) < self.segment_size or key.is_bigram:
+            return 0
+        keys, raw, _ = self._chain(req, key)
+        path = self.tree.match(keys, raw if self.config.verify_tokens else None, touch=False)
+        return len(path) * self.segment_size
 
     def touch_prefix(self, key: Any) -> None:
         if len(key) >= self.segment_size and not key.is_bigram:
@@ -394,8 +407,6 @@ class TokenLakeCache(BasePrefixCache):
         """Check the tree's slots against the allocator and return the accounting, with
         ``held_by_requests`` measured from the live requests' rows (``kvs``: their KV
         records; default: the attached scheduler's). See sglang/accounting.py."""
-        from sglang_tokenlake.sglang import accounting
-
         return accounting.check(self, kvs)
 
     def status(self) -> dict[str, Any]:
@@ -412,13 +423,7 @@ class TokenLakeCache(BasePrefixCache):
         }
 
     def pretty_print(self) -> None:
-        stack = [(c, 1) for c in self.tree.root.children.values()]
-        while stack:
-            node, depth = stack.pop()
-            print("  " * depth, f"seg {node.depth} key={node.key:#018x}",
-                  f"local={node.is_local} lock={node.lock_ref} hits={node.hits}")
-            stack.extend((c, depth + 1) for c in node.children.values())
-        print(f"#tokens: {self.total_size()}")
+        accounting.print_tree(self)
 
     # -- what the pool needs (pool.surfaces.CacheHost) -------------------------------
 
@@ -488,13 +493,4 @@ class TokenLakeCache(BasePrefixCache):
         interval = self.config.log_interval
         if interval > 0 and now - self._last_log >= interval:
             self._last_log = now
-            self.log_stats()
-
-    def log_stats(self) -> None:
-        s = self.stats
-        logger.info(
-            "TokenLake cache: hit_tokens=%d miss_tokens=%d hit_rate=%.1f%% cached=%d/%d tokens "
-            "segments=%d evicted=%d",
-            s.hit_tokens, s.miss_tokens, 100.0 * s.hit_rate, self.tree.cached_tokens,
-            int(self.token_to_kv_pool_allocator.size), self.tree.local_nodes, s.evicted_segments,
-        )
+            accounting.log_stats(self)
