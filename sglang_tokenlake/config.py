@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
-from sglang_tokenlake.admission import ADMISSIONS
 from sglang_tokenlake.policy import PLACEMENTS, REMOTE_MODES, PolicyConfig
 
 FLAG_PREFIX = "tokenlake"
@@ -106,20 +105,13 @@ class TokenLakeConfig:
         "pays off).",
         choices=("auto", "ship", "pull"),
     )
-    admission: str = _f(
-        "fcfs",
-        "Order in which this worker admits its waiting requests: fcfs (SGLang's queue "
-        "order) or resident-first (first the requests with the most prefix tokens held on "
-        "this worker, so a request whose context lives elsewhere does not evict the context "
-        "the next waiting requests need; one that has waited --tokenlake-admission-max-wait "
-        "goes first). resident-first needs SGLang's --schedule-policy fcfs and no "
-        "--enable-priority-scheduling.",
-        choices=ADMISSIONS,
-    )
-    admission_max_wait: float = _f(
-        4.0,
-        "With --tokenlake-admission resident-first: seconds after which a waiting request "
-        "goes ahead of every request that has waited less, whatever its prefix.",
+    match_waiting: bool = _f(
+        True,
+        "Match every waiting request against the cache at each scheduling round (SGLang's "
+        "fast-match contract, as its cache-aware schedule policies do), not only the ones "
+        "being admitted: pulls of a request's remote segments start while it waits, the "
+        "local segments waiting requests need stay recently used, and hotness counts a "
+        "request when it arrives.",
     )
     query_timeout: float = _f(
         5.0,
@@ -266,11 +258,8 @@ class TokenLakeConfig:
                 raise ValueError(
                     f"--{FLAG_PREFIX}-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )
-        if self.admission not in ADMISSIONS:
-            raise ValueError(f"--{FLAG_PREFIX}-admission must be one of "
-                             f"{', '.join(ADMISSIONS)}, got {self.admission!r}")
         for name in ("heartbeat_interval", "peer_timeout", "pull_timeout", "query_timeout",
-                     "lease_ttl", "admission_max_wait"):
+                     "lease_ttl"):
             if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(
                     f"--{FLAG_PREFIX}-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"

@@ -35,9 +35,6 @@ BAD = [
         (["--radix-cache-backend", "flexkv"], "conflicts with --radix-cache-backend flexkv"),
         (["--tp-size", "2"], "supports --tp-size 1 only"),
         (["--tokenlake-host", "10.0.0.2"], "or --tokenlake-insecure to serve the pool unauthenticated"),
-        (["--tokenlake-admission", "resident-first", "--schedule-policy", "lpm"],
-         "--tokenlake-admission resident-first orders SGLang's fcfs queue and cannot be "
-         "combined with --schedule-policy lpm"),
         (["--device", "cuda", "--disable-overlap-schedule", "--tokenlake-remote-mode", "ship"],
          "CUDA graphs cover the decode and prefill passes"),
 ]

@@ -150,6 +150,9 @@ class TokenLakeCache(BasePrefixCache):
     def supports_prefix_sharing(self) -> bool:
         return True
 
+    def supports_fast_match_prefix(self) -> bool:  # --tokenlake-match-waiting
+        return self.config.match_waiting
+
     def evictable_size(self) -> int:
         return self.tree.evictable_tokens
 
@@ -214,14 +217,6 @@ class TokenLakeCache(BasePrefixCache):
             memo = _Lookup(key, keys, raw, observed=memo is not None and memo.observed)
             self._lookups.set(req, memo)
         return keys, raw, memo
-
-    def resident_tokens(self, req: Any, key: Any) -> int:
-        """Tokens of ``key``'s prefix held here; no LRU touch, pool lookup or hotness count."""
-        if len(key) < self.segment_size or key.is_bigram:
-            return 0
-        keys, raw, _ = self._chain(req, key)
-        path = self.tree.match(keys, raw if self.config.verify_tokens else None, touch=False)
-        return len(path) * self.segment_size
 
     def touch_prefix(self, key: Any) -> None:
         if len(key) >= self.segment_size and not key.is_bigram:

@@ -9,8 +9,7 @@ again in every scheduler process. It:
 * turns ``--cache-backend tokenlake`` into ``--radix-cache-backend tokenlake``,
   refusing incompatible flags with a clear message at start-up, and carries the
   TokenLake settings to the scheduler processes on the ServerArgs record;
-* lets the cache do its scheduler-thread work once per scheduler iteration;
-* orders the waiting queue by ``--tokenlake-admission`` (``sglang/admission.py``).
+* lets the cache do its scheduler-thread work once per scheduler iteration.
 """
 
 from __future__ import annotations
@@ -56,14 +55,6 @@ def register() -> None:
     # Every weight update ends in flush_cache: the default namespace follows the weights.
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.flush_cache", _after_flush_cache, HookType.AFTER
-    )
-    # --tokenlake-admission: the waiting queue's order, after SGLang's own.
-    from sglang_tokenlake.sglang.admission import after_calc_priority
-
-    HookRegistry.register(
-        "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority",
-        after_calc_priority,
-        HookType.AFTER,
     )
     # Query-centric attention (pool/remote.py, sglang/hooks.py): the attention backends' outputs
     # for requests whose prefix stays on other workers, and the retraction of a
@@ -176,13 +167,6 @@ def _around_from_cli_args(original: Any, cls: Any, args: argparse.Namespace) -> 
             "sglang-tokenlake: --cache-backend tokenlake cannot be combined with: "
             + ", ".join(bad)
         )
-    if config.admission != "fcfs":
-        policy = getattr(args, "schedule_policy", "fcfs")
-        if policy != "fcfs" or getattr(args, "enable_priority_scheduling", False):
-            other = ("--enable-priority-scheduling" if policy == "fcfs"
-                     else f"--schedule-policy {policy}")
-            sys.exit(f"sglang-tokenlake: --tokenlake-admission {config.admission} orders "
-                     f"SGLang's fcfs queue and cannot be combined with {other}.")
     page_size = getattr(args, "page_size", None)
     if page_size is not None and config.segment_size % page_size:
         sys.exit(
