@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sglang_tokenlake.bench.workloads import build
 from sglang_tokenlake.sim.live import compare, main, replay_requests
 
@@ -165,8 +167,6 @@ def test_least_inflight_executor_is_the_harness_proxys_least_load():
 
 
 def test_an_unknown_executor_is_an_error():
-    import pytest
-
     from sglang_tokenlake.sim.model import SimConfig
 
     with pytest.raises(ValueError, match="tokenlake_executor"):
@@ -203,8 +203,6 @@ def test_the_replay_routes_with_the_runs_router_thresholds(tmp_path):
 
 
 def test_router_flags_without_a_number_are_an_error():
-    import pytest
-
     from sglang_tokenlake.sim.routing import CacheAwareConfig
 
     with pytest.raises(ValueError, match="balance-abs-threshold"):
@@ -286,3 +284,24 @@ def test_compare_reports_request_by_request_agreement_where_requests_were_record
     assert tl["measured_evicted_last_copies"] == 7
     assert tl["simulated_evicted_last_copies"] >= 0
     assert "measured_evicted_last_copies" not in compare(run)[0]  # stock: no pool
+
+
+@pytest.mark.parametrize("extra, tl, policy", [
+    (["--schedule-policy", "lpm"], [], "lpm"),
+    ([], ["--schedule-policy=dfs-weight"], "dfs-weight"),
+    (["--enable-priority-scheduling"], [], "fcfs+priority"),
+])
+def test_a_run_whose_workers_reordered_their_queues_is_refused(tmp_path, capsys, extra, tl, policy):
+    from sglang_tokenlake.sim.live import schedule_policy_of
+
+    run = _bench(tmp_path, ["stock-rr"])
+    bench = json.loads((run / "bench.json").read_text())
+    bench["meta"]["settings"].update(extra_args=extra, tokenlake_args=tl)
+    (run / "bench.json").write_text(json.dumps(bench))
+    assert schedule_policy_of(bench["meta"]["settings"]) == policy
+    assert main([str(run)]) == 2
+    assert f"--schedule-policy {policy}" in capsys.readouterr().err
+    assert not (run / "sim_vs_live.json").exists()
+    bench["meta"]["settings"].update(extra_args=["--schedule-policy", "fcfs"], tokenlake_args=[])
+    (run / "bench.json").write_text(json.dumps(bench))
+    assert main([str(run)]) == 0  # fcfs given explicitly is the replay's own order

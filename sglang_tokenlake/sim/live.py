@@ -204,11 +204,33 @@ def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeMode
                         kv_capacity_tokens=kv_tokens)
 
 
+def schedule_policy_of(settings: dict[str, Any]) -> str:
+    """The ``--schedule-policy`` the run's workers had (the last one given; SGLang's
+    default ``fcfs``), ``fcfs+priority`` with ``--enable-priority-scheduling``."""
+    policy = "fcfs"
+    priority = False
+    for args in (settings.get("extra_args") or [], settings.get("tokenlake_args") or []):
+        args = [str(a) for a in args]
+        for i, a in enumerate(args):
+            if a == "--schedule-policy" and i + 1 < len(args):
+                policy = args[i + 1]
+            elif a.startswith("--schedule-policy="):
+                policy = a.split("=", 1)[1]
+            priority |= a == "--enable-priority-scheduling"
+    return f"{policy}+priority" if priority else policy
+
+
 def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Replay every measured configuration of ``run_dir``; ``tokenlake_args`` come after
-    the run's own ``--tokenlake-args`` (a setting whose default has changed since)."""
+    the run's own ``--tokenlake-args`` (a setting whose default has changed since).
+    A run whose workers reordered their queues is refused (ValueError): the replay's
+    workers serve theirs in arrival order."""
     bench = json.loads((run_dir / "bench.json").read_text())
     settings = dict(bench["meta"]["settings"])
+    policy = schedule_policy_of(settings)
+    if policy != "fcfs":
+        raise ValueError(f"the run's workers had --schedule-policy {policy}; the replay serves "
+                         f"each worker's queue in arrival order (fcfs) and cannot predict it")
     settings["tokenlake_args"] = [*(settings.get("tokenlake_args") or []), *tokenlake_args]
     S, workers = int(settings["segment_size"]), int(settings["workers"])
     kv = int(settings["max_total_tokens"])
