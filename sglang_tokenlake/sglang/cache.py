@@ -186,7 +186,15 @@ class TokenLakeCache(BasePrefixCache):
         if len(key) < self.segment_size:
             return self._empty_match
         req = params.req
-        keys, raw, memo = self._chain(req, key)
+        memo = self._lookups.get(req) if req is not None else None
+        if memo is None or not memo.same_key(key):
+            keys, raw = self._key_chain(key)
+            if req is not None:
+                memo = _Lookup(key, keys, raw, observed=memo is not None and memo.observed)
+                self._lookups.set(req, memo)
+        else:
+            keys, raw = memo.keys, memo.raw
+            self.stats.lookup_memo_hits += 1
         path = self.tree.match(keys, raw if self.config.verify_tokens else None)
         self.stats.lookups += 1
         run = self.pool.transfers.remote_run(keys, raw, len(path)) if self.pool is not None else []
@@ -205,18 +213,6 @@ class TokenLakeCache(BasePrefixCache):
             best_match_node=run[-1] if run else node,
             host_hit_length=len(run) * self.segment_size,
         )
-
-    def _chain(self, req: Any, key: Any) -> tuple[list[int], bytes, Optional[_Lookup]]:
-        """``key``'s segment keys and bytes, kept for ``req`` while its key stays the same."""
-        memo = self._lookups.get(req) if req is not None else None
-        if memo is not None and memo.same_key(key):
-            self.stats.lookup_memo_hits += 1
-            return memo.keys, memo.raw, memo
-        keys, raw = self._key_chain(key)
-        if req is not None:
-            memo = _Lookup(key, keys, raw, observed=memo is not None and memo.observed)
-            self._lookups.set(req, memo)
-        return keys, raw, memo
 
     def touch_prefix(self, key: Any) -> None:
         if len(key) >= self.segment_size and not key.is_bigram:

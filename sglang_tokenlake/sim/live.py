@@ -205,19 +205,15 @@ def calibrated(calibration: list[dict[str, Any]], kv_tokens: int) -> ComputeMode
 
 
 def schedule_policy_of(settings: dict[str, Any]) -> str:
-    """The ``--schedule-policy`` the run's workers had (the last one given; SGLang's
-    default ``fcfs``), ``fcfs+priority`` with ``--enable-priority-scheduling``."""
-    policy = "fcfs"
-    priority = False
-    for args in (settings.get("extra_args") or [], settings.get("tokenlake_args") or []):
-        args = [str(a) for a in args]
-        for i, a in enumerate(args):
-            if a == "--schedule-policy" and i + 1 < len(args):
-                policy = args[i + 1]
-            elif a.startswith("--schedule-policy="):
-                policy = a.split("=", 1)[1]
-            priority |= a == "--enable-priority-scheduling"
-    return f"{policy}+priority" if priority else policy
+    """The ``--schedule-policy`` the run's workers had (SGLang's default ``fcfs``; parsed as
+    SGLang parses it, as ``pool_config_of`` does the TokenLake flags), ``+priority`` added
+    with ``--enable-priority-scheduling``."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--schedule-policy", default="fcfs")
+    parser.add_argument("--enable-priority-scheduling", action="store_true")
+    argv = [*(settings.get("extra_args") or []), *(settings.get("tokenlake_args") or [])]
+    args, _ = parser.parse_known_args([str(a) for a in argv])
+    return args.schedule_policy + ("+priority" if args.enable_priority_scheduling else "")
 
 
 def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
