@@ -11,7 +11,13 @@ from sglang_tokenlake.bench import __main__ as cli
 from sglang_tokenlake.bench import sweep
 from sglang_tokenlake.bench.cpuquota import CpuBudget, Mechanism
 from sglang_tokenlake.bench.frontends import FRONTENDS, Frontend
-from sglang_tokenlake.bench.runner import CONFIGS, ClusterSettings, _frontend_kind, worker_specs
+from sglang_tokenlake.bench.runner import (
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    ClusterSettings,
+    _frontend_kind,
+    worker_specs,
+)
 from sglang_tokenlake.bench.workloads import LONGDOC_MAX_TOTAL_TOKENS, build
 from sglang_tokenlake.cluster import PoolSpec
 
@@ -120,8 +126,13 @@ def test_sweep_plot(tmp_path):
 
 
 def test_every_policy_the_router_has_runs_behind_the_router():
-    assert {k for k, c in CONFIGS.items() if FRONTENDS[c.frontend][0] == "proxy"} == \
-        {"tokenlake-least-load"}
+    # The proxy serves only the policies the router does not have.
+    assert {k: FRONTENDS[c.frontend][1] for k, c in CONFIGS.items()
+            if FRONTENDS[c.frontend][0] == "proxy"} == {
+        "tokenlake-least-load": "least_load", "tokenlake-bounded": "bounded_load",
+        "stock-bounded": "bounded_load"}
+    assert CONFIGS["stock-bounded"].backend == "radix"
+    assert set(DEFAULT_CONFIGS) == set(CONFIGS) - {"tokenlake-bounded", "stock-bounded"}
     assert CONFIGS["tokenlake-p2c"].backend == "tokenlake"
     s = ClusterSettings(model="m")
     assert _frontend_kind(CONFIGS["tokenlake-rr"], s) == "router-round_robin"

@@ -155,6 +155,53 @@ def test_least_load_ties_go_to_the_worker_that_served_the_prefix():
     assert [rr.pick(key) for _ in range(3)] == [0, 1, 2]
 
 
+def test_bounded_load_keeps_a_prefix_on_its_homes_and_overflows_to_one_more():
+    b = Balancer(4, "bounded_load", load_factor=1.25)
+    A, B = 101, 202  # two prefixes (affinity keys)
+    assert b.pick(A) == 0  # a new prefix: the least loaded worker is its first home
+    assert b.pick(B) == 1  # the next least loaded (rotation after the last pick)
+    # In flight [1, 1, 0, 0]: the bound with one more is ceil(1.25 * 3 / 4) = 1, and home
+    # 0 would hold 2: the least loaded worker becomes A's second home.
+    assert b.bound() == 1 and b.pick(A) == 2 and b.overflows == 1
+    assert b.bound() == 2 and b.pick(A) == 0  # [1, 1, 1, 0]: home 0 within the bound again
+    assert b.pick(A) == 2  # [2, 1, 1, 0], bound 2: the first home is full, the second not
+    assert b.pick(A) == 3 and b.overflows == 2  # [2, 1, 2, 0], bound 2: both full -> a third
+    assert b.inflight == [2, 1, 2, 1] and b.sent == [2, 1, 2, 1]
+    for i in (0, 0, 1, 2, 2, 3):
+        b.release(i)
+    assert [b.pick(A) for _ in range(3)] == [0, 2, 3]  # homes in order, each within its bound
+    assert b.pick(None) == 1  # no prefix: the least loaded
+    with pytest.raises(ValueError, match="load_factor"):
+        Balancer(2, "bounded_load", load_factor=0.9)
+    with pytest.raises(ValueError, match="load_factor"):
+        Balancer(2, "bounded_load", load_factor=float("nan"))
+
+
+def test_bounded_load_never_exceeds_its_bound_and_sends_a_prefix_only_to_its_homes():
+    import random
+
+    rng = random.Random(7)
+    b = Balancer(5, "bounded_load", load_factor=1.5)
+    homes: dict[int, list[int]] = {}
+    busy: list[int] = []
+    for _ in range(3000):
+        if busy and rng.random() < 0.45:
+            b.release(busy.pop(rng.randrange(len(busy))))
+            continue
+        prefix = min(int(rng.paretovariate(1.0)), 12)  # a few hot prefixes, a tail
+        cap = b.bound()
+        i = b.pick(prefix)
+        busy.append(i)
+        assert b.inflight[i] <= cap  # the bound holds for the chosen worker
+        assert b.inflight == [busy.count(w) for w in range(5)]
+        if i not in homes.setdefault(prefix, []):
+            # A new home only when every earlier home was at the bound.
+            assert all(b.inflight[h] + 1 > cap for h in homes[prefix])
+            homes[prefix].append(i)
+    assert b.overflows == sum(len(h) - 1 for h in homes.values())
+    assert 0 < b.overflows and b.affine > 1000
+
+
 def test_mismatch_detection_names_the_request():
     from sglang_tokenlake.bench.load import RequestRecord
     from sglang_tokenlake.bench.runner import ConfigResult

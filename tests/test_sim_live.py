@@ -166,6 +166,34 @@ def test_least_inflight_executor_is_the_harness_proxys_least_load():
     assert simulate(Workload("t", 64, reqs), "tokenlake", cfg).served == [2, 1]
 
 
+@pytest.mark.parametrize("policy", ["tokenlake", "stock_bounded"])
+def test_bounded_load_routing_is_the_harness_proxys_bounded_load(policy):
+    from sglang_tokenlake.sim.engine import simulate
+    from sglang_tokenlake.sim.model import SimConfig
+    from sglang_tokenlake.sim.workloads import Request, Workload
+
+    a = (11, 12, 13)  # one prompt's block keys (64-token blocks)
+    reqs = [Request(i * 1e-4, 192, 4, a) for i in range(3)]
+    cfg = SimConfig(2, 64, 64, tokenlake_executor="bounded_load", load_factor=1.25)
+    # A's first home is w0; with one request in flight the bound (ceil(1.25 * 2 / 2) = 2)
+    # keeps the second there; the third would make 3 > ceil(1.25 * 3 / 2) = 2: w1.
+    assert simulate(Workload("t", 64, reqs), policy, cfg).served == [2, 1]
+    # The proxy's least_load spreads them at once (ties to the worker that served last).
+    least = SimConfig(2, 64, 64, tokenlake_executor="least_inflight")
+    assert simulate(Workload("t", 64, reqs), "tokenlake", least).served == [1, 2]
+    loose = SimConfig(2, 64, 64, tokenlake_executor="bounded_load", load_factor=2.0)
+    assert simulate(Workload("t", 64, reqs), policy, loose).served == [3, 0]  # bound 3
+    with pytest.raises(ValueError, match="load_factor"):
+        SimConfig(2, 64, 64, load_factor=0.5)
+
+
+def test_the_bounded_configurations_replay_with_the_proxys_rule(tmp_path):
+    rows = compare(_bench(tmp_path, ["stock-bounded", "tokenlake-bounded"]))
+    assert [(r["config"], r["policy"]) for r in rows] == [
+        ("stock-bounded", "stock_bounded"), ("tokenlake-bounded", "tokenlake")]
+    assert all(0 < r["simulated_hit_rate"] <= 1 for r in rows)
+
+
 def test_an_unknown_executor_is_an_error():
     from sglang_tokenlake.sim.model import SimConfig
 

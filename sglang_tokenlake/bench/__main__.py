@@ -13,6 +13,9 @@ For every workload and rate, each configuration runs on freshly started workers
                         balanced within 2 requests in flight (CacheAwareConfig.pool())
   tokenlake-least-load  --cache-backend tokenlake, one pool, fewest in-flight requests (the
                         harness's proxy: the router has no such policy)
+  tokenlake-bounded     --cache-backend tokenlake, one pool, the proxy's bounded_load: each
+  stock-bounded         prefix on its homes, every worker's requests in flight bounded
+                        (--cache-backend radix for stock-bounded; both on request only)
 
 --cpu-quota CORES gives every worker's process tree its own CPU budget (a cgroup
 quota), so workers are independent compute like GPUs. --sweep raises the rate until
@@ -41,7 +44,8 @@ from typing import Any, Optional
 import requests
 
 from sglang_tokenlake.bench import cpuquota, report, runner, sweep, workloads
-from sglang_tokenlake.bench.runner import CONFIGS, ClusterSettings
+from sglang_tokenlake.bench.proxy import LOAD_FACTOR
+from sglang_tokenlake.bench.runner import CONFIGS, DEFAULT_CONFIGS, ClusterSettings
 
 DEFAULT_RATES = {"docs": 3.0, "longdoc": 0.5, "chat": 2.0, "gsp": 3.0, "mooncake": 2.0}
 
@@ -74,14 +78,19 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     g.add_argument("--router-args", default="",
                    help="more sglang-router flags for every configuration behind the router, "
                         "after the configuration's own (--router-args=\"...\")")
+    g.add_argument("--load-factor", type=float, default=LOAD_FACTOR,
+                   help="tokenlake-bounded / stock-bounded: a worker takes a request of a "
+                        "prefix it homes while its requests in flight stay within this many "
+                        "times the mean (>= 1; default %(default)s)")
     g.add_argument("--rr-frontend", choices=["router", "proxy"], default="router",
                    help="round-robin front end: sglang-router (default) or the harness's proxy")
     g.add_argument("--cpu-quota", type=float, default=None, metavar="CORES",
                    help="CPU budget of every worker's process tree, in cores (a cgroup CPU "
                         "quota; v1 cpu controller, else v2, else taskset with a warning); "
                         "torch threads set to match; front end and load generator outside")
-    g.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                   help="configurations to run (default: all)")
+    g.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS),
+                   help="configurations to run (default: all but tokenlake-bounded and "
+                        "stock-bounded)")
     g.add_argument("--startup-timeout", type=float, default=300.0)
     w = p.add_argument_group("workload")
     w.add_argument("--workload", nargs="+", default=["docs"],
@@ -225,6 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         max_total_tokens=a.max_total_tokens, dtype=a.dtype, device=a.device,
         extra_args=shlex.split(a.worker_args), tokenlake_args=shlex.split(a.tokenlake_args),
         router_args=shlex.split(a.router_args), rr_frontend=a.rr_frontend,
+        load_factor=a.load_factor,
         startup_timeout=a.startup_timeout, request_timeout=a.request_timeout,
         warmup_requests=a.warmup, calibration_requests=a.calibration, cpu_quota=a.cpu_quota,
         cpu_quota_mechanism=mech.kind if mech else "",

@@ -5,9 +5,10 @@ Every configuration that a router policy can express runs behind sglang-router
 ``power_of_two`` (TokenLake: two random workers, the less loaded one, where load
 is the router's own count of requests in flight to each worker: its load monitor
 gets nothing from SGLang 0.5.23 workers and logs "No loads fetched from workers").
-The harness's aiohttp proxy remains for one policy only:
-``least_load``, the fewest requests in flight over *all* workers, which the
-router has no policy for (its load-based policy compares two random workers).
+The harness's aiohttp proxy remains for two policies the router does not have:
+``least_load``, the fewest requests in flight over *all* workers (its load-based
+policy compares two random workers), and ``bounded_load``, each prefix kept on its
+homes with every worker's load bounded (``bench.proxy``).
 ``--rr-frontend proxy`` puts round-robin behind the proxy too, as older runs did.
 
 Both run as their own process (own process group, log file), are ready once a
@@ -34,6 +35,7 @@ from sglang_tokenlake.cluster import free_port
 FRONTENDS = {
     "proxy-round_robin": ("proxy", "round_robin"),
     "proxy-least_load": ("proxy", "least_load"),
+    "proxy-bounded_load": ("proxy", "bounded_load"),
     "router-round_robin": ("router", "round_robin"),
     "router-cache_aware": ("router", "cache_aware"),
     "router-power_of_two": ("router", "power_of_two"),

@@ -14,7 +14,8 @@ from sglang_tokenlake.bench.runner import ConfigResult
 
 COLORS = {"stock-rr": "#9e9e9e", "stock-cache-aware": "#5c6bc0",
           "tokenlake-rr": "#ef6c00", "tokenlake-least-load": "#2e7d32",
-          "tokenlake-p2c": "#ad1457", "tokenlake-cache-aware": "#00838f"}
+          "tokenlake-p2c": "#ad1457", "tokenlake-cache-aware": "#00838f",
+          "tokenlake-bounded": "#6a1b9a", "stock-bounded": "#8d6e63"}
 DPI = 80
 
 

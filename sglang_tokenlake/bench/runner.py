@@ -27,6 +27,7 @@ import requests
 from sglang_tokenlake.bench import counters, cpuquota
 from sglang_tokenlake.bench.frontends import Frontend
 from sglang_tokenlake.bench.load import RequestRecord, run_one, run_replay
+from sglang_tokenlake.bench.proxy import LOAD_FACTOR
 from sglang_tokenlake.bench.workloads import BenchWorkload
 from sglang_tokenlake.cluster import PoolSpec, Worker, WorkerSpec, start_workers, wait_pool
 from sglang_tokenlake.request_log import read as read_request_log
@@ -54,7 +55,13 @@ CONFIGS: dict[str, Config] = {
                                     frontend_args=CacheAwareConfig.pool().threshold_flags()),
     # sglang-router has no fewest-in-flight policy: the harness's proxy serves this one.
     "tokenlake-least-load": Config("tokenlake-least-load", "tokenlake", "proxy-least_load"),
+    # Nor prefix homes with bounded loads: the proxy again, for both caches.
+    "tokenlake-bounded": Config("tokenlake-bounded", "tokenlake", "proxy-bounded_load"),
+    "stock-bounded": Config("stock-bounded", "radix", "proxy-bounded_load"),
 }
+DEFAULT_CONFIGS = ("stock-rr", "stock-cache-aware", "tokenlake-rr", "tokenlake-p2c",
+                   "tokenlake-cache-aware", "tokenlake-least-load")
+"""What ``--configs`` runs when not given (the bounded-load pair on request)."""
 
 
 @dataclass
@@ -83,6 +90,8 @@ class ClusterSettings:
     router_args: list[str] = field(default_factory=list)
     rr_frontend: str = "router"
     """``router`` (sglang-router --policy round_robin) or ``proxy`` (the harness's)."""
+    load_factor: float = LOAD_FACTOR
+    """The proxy's ``bounded_load`` bound (``--load-factor``)."""
     cpu_quota: Optional[float] = None
     """Cores of CPU time per worker (a cgroup quota per worker process tree); None: no budget."""
     cpu_quota_mechanism: str = ""
@@ -192,6 +201,8 @@ def _frontend_kind(cfg: Config, s: ClusterSettings) -> str:
 def frontend_flags(cfg: Config, s: ClusterSettings, kind: str) -> list[str]:
     """The front end's extra flags: the configuration's own, then ``--router-args`` (a
     router only), so that a flag given there overrides the configuration's."""
+    if kind == "proxy-bounded_load":
+        return [*cfg.frontend_args, "--load-factor", repr(s.load_factor)]
     return [*cfg.frontend_args, *(s.router_args if kind.startswith("router") else [])]
 
 

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4],
                    help="total cache capacity as fractions of the workload's unique full blocks")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=ALL_POLICIES,
-                   help="belady: the offline bound (limit evicting what is reused furthest ahead)")
+                   help="belady: the offline bound (limit evicting what is reused furthest "
+                        "ahead); stock_bounded: stock workers behind the harness's "
+                        "bounded_load proxy (prefix homes, loads bounded)")
     p.add_argument("--split", choices=("all", "first", "second"), default="all",
                    help="use the first or second half of the workload by arrival time "
                         "(tune on one, report on the other)")

@@ -24,8 +24,9 @@ from sglang_tokenlake.sim.tokenlake import TokenLake
 from sglang_tokenlake.sim.workloads import Request, Workload
 
 POLICIES = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit")
-"""The online policies, in report order (``simulate`` also knows ``belady``, the offline bound)."""
-ALL_POLICIES = POLICIES + ("belady",)
+"""The online policies, in report order (``simulate`` also knows ``stock_bounded``, stock
+workers behind the harness's bounded-load proxy, and ``belady``, the offline bound)."""
+ALL_POLICIES = POLICIES + ("stock_bounded", "belady")
 
 
 def make_policy(name: str, cfg: SimConfig, cluster: Cluster) -> Policy:

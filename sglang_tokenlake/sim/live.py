@@ -14,6 +14,8 @@ policy for each measured configuration on them:
     tokenlake-cache-aware    -> tokenlake    (PoolPolicy; executor cache_aware, pool bounds)
     tokenlake-least-load     -> tokenlake    (PoolPolicy; executor the proxy's least_load:
                                               fewest requests in flight, prefix ties)
+    tokenlake-bounded        -> tokenlake    (PoolPolicy; executor the proxy's bounded_load)
+    stock-bounded            -> stock_bounded (per-worker radix, the proxy's bounded_load)
 
 The cache-aware rules take the thresholds the run's router had: 0.3.2's defaults,
 then the configuration's own flags (the pool bounds for ``tokenlake-cache-aware``),
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import xxhash
 
+from sglang_tokenlake.bench.proxy import LOAD_FACTOR
 from sglang_tokenlake.segments import request_namespace, segment_keys
 from sglang_tokenlake.sim.compute import ComputeModel
 from sglang_tokenlake.sim.engine import simulate
@@ -59,9 +62,11 @@ if TYPE_CHECKING:
 
 POLICY_OF = {"stock-rr": "stock", "stock-cache-aware": "cache_aware",
              "tokenlake-rr": "tokenlake", "tokenlake-p2c": "tokenlake",
-             "tokenlake-cache-aware": "tokenlake", "tokenlake-least-load": "tokenlake"}
+             "tokenlake-cache-aware": "tokenlake", "tokenlake-least-load": "tokenlake",
+             "tokenlake-bounded": "tokenlake", "stock-bounded": "stock_bounded"}
 EXECUTOR_OF = {"tokenlake-rr": "round_robin", "tokenlake-p2c": "power_of_two",
-               "tokenlake-cache-aware": "cache_aware", "tokenlake-least-load": "least_inflight"}
+               "tokenlake-cache-aware": "cache_aware", "tokenlake-least-load": "least_inflight",
+               "tokenlake-bounded": "bounded_load"}
 _SEED = request_namespace("tokenlake-live-replay")
 
 
@@ -248,7 +253,8 @@ def compare(run_dir: Path, tokenlake_args: tuple[str, ...] = ()) -> list[dict[st
         cfg = SimConfig(workers, kv // S, S, compute=compute, chars_per_token=cpt,
                         policy=pool.policy(), shared_prefix_kv=True, prefill_visibility=True,
                         radix_nodes=True, match_at_admission=True,
-                        spill_window_s=pool.heartbeat_interval)
+                        spill_window_s=pool.heartbeat_interval,
+                        load_factor=float(settings.get("load_factor", LOAD_FACTOR)))
         sims: dict[str, Any] = {}
         rate = float(meta_wl["params"]["rate"])
         for s in bench["summaries"]:  # this workload at this rate (a sweep has several)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from sglang_tokenlake.bench.proxy import LOAD_FACTOR
 from sglang_tokenlake.dispatch import Costs, ModelShape
 from sglang_tokenlake.policy import PolicyConfig
 from sglang_tokenlake.sim.compute import ComputeModel
@@ -30,7 +31,8 @@ class Outcome(NamedTuple):
     the prompt its cache holds is shared with the cache, as SGLang's locked prefix."""
 
 
-EXECUTORS = ("least_loaded", "round_robin", "power_of_two", "cache_aware", "least_inflight")
+EXECUTORS = ("least_loaded", "round_robin", "power_of_two", "cache_aware", "least_inflight",
+             "bounded_load")
 """How TokenLake's front end picks a request's worker (``SimConfig.tokenlake_executor``)."""
 
 
@@ -68,9 +70,13 @@ class SimConfig:
     requests in flight; ties to the first) or ``cache_aware`` (sglang-router's rule
     with ``tokenlake_router``'s thresholds) or ``least_inflight`` (the harness's least-load
     proxy: fewest requests in flight, ties to the worker that last served the same first
-    64 tokens, else the next after the last pick)."""
+    64 tokens, else the next after the last pick) or ``bounded_load`` (the proxy's
+    bounded-load prefix homes, ``bench.proxy.Balancer``)."""
     tokenlake_router: CacheAwareConfig = CacheAwareConfig.pool()
     """The ``cache_aware`` executor's router settings."""
+    load_factor: float = LOAD_FACTOR
+    """The ``bounded_load`` executor's (and ``stock_bounded``'s) bound: the proxy's
+    ``--load-factor``."""
     shared_prefix_kv: bool = False
     """With ``memory_pressure``: count only the prompt KV a running request holds outside
     its executor's cache (``Outcome.held_tokens``; SGLang's running requests share their
@@ -108,6 +114,8 @@ class SimConfig:
     ``--tokenlake-heartbeat-interval``)."""
 
     def __post_init__(self) -> None:
+        if not self.load_factor >= 1.0:
+            raise ValueError(f"load_factor must be >= 1, got {self.load_factor!r}")
         if self.tokenlake_executor not in EXECUTORS:
             raise ValueError(f"tokenlake_executor must be one of {', '.join(EXECUTORS)}, "
                              f"got {self.tokenlake_executor!r}")

@@ -6,6 +6,8 @@
                  requests; a weak match goes to the least loaded worker.
 ``cache_aware_v019``  the same with the rule of sglang-router <= 0.1.9 (the paper's
                  baseline): thresholds 0.5 / 32 / 1.0001, weak match -> smallest tree.
+``stock_bounded``  per-instance radix LRU behind the harness's ``bounded_load`` proxy
+                 (``bench.proxy.Balancer``): each prefix on its homes, loads bounded.
 ``mooncake``     a shared external KV store in the Mooncake style: one deduplicated LRU with
                  the cluster's total capacity outside the GPUs; a request goes to the least
                  loaded instance and pulls its whole cached prefix from the store, then puts
@@ -36,6 +38,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
+from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, Balancer
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
@@ -203,6 +206,29 @@ def route_cache_aware(router: CacheAwareRouter, req: Request, cfg: SimConfig, cl
     return router.select(req.keys, loads, lengths, now).worker
 
 
+def proxy_pick(balancer: Balancer, req: Request, cluster: Cluster, now: float, seg: int) -> int:
+    """The harness proxy's pick (``balancer``, its ``Balancer``) on the requests in flight
+    now; a request's prefix is the key of its block that ends at ``AFFINITY_TOKENS``."""
+    balancer.inflight = cluster.inflights(now)
+    if not req.keys:
+        return balancer.pick()
+    return balancer.pick(req.keys[min(len(req.keys), max(1, AFFINITY_TOKENS // seg)) - 1])
+
+
+class StockBounded(Stock):
+    name = "stock_bounded"
+
+    def __init__(self, cfg: SimConfig, cluster: Cluster) -> None:
+        super().__init__(cfg, cluster)
+        self.balancer = Balancer(cfg.instances, "bounded_load", cfg.load_factor)
+
+    def route(self, req: Request, now: float) -> int:
+        return proxy_pick(self.balancer, req, self.cluster, now, self.seg)
+
+    def stats(self) -> dict:
+        return {"overflows": self.balancer.overflows}
+
+
 class CacheAware(Stock):
     name = "cache_aware"
 
@@ -265,4 +291,4 @@ class Mooncake(Limit):
 
 
 BASELINES: dict[str, type[Policy]] = {
-    p.name: p for p in (Stock, CacheAware, CacheAwareV019, Mooncake, Limit)}
+    p.name: p for p in (Stock, CacheAware, CacheAwareV019, Mooncake, Limit, StockBounded)}

@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-ORDER = ("stock", "cache_aware", "cache_aware_v019", "mooncake", "tokenlake", "limit", "belady")
+ORDER = ("stock", "cache_aware", "cache_aware_v019", "stock_bounded", "mooncake", "tokenlake",
+         "limit", "belady")
 
 Cells = dict[tuple[int, float], dict[str, dict]]
 

@@ -33,14 +33,14 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
-from sglang_tokenlake.bench.proxy import AFFINITY_TOKENS, Balancer
+from sglang_tokenlake.bench.proxy import Balancer
 from sglang_tokenlake.dispatch import Mode, pull_pressure
 from sglang_tokenlake.placement import Placement
 from sglang_tokenlake.policy import SPILL_SHARE, PoolPolicy, hops_since_use
 from sglang_tokenlake.sim.cache import PrefixLRU, new_cache
 from sglang_tokenlake.sim.cluster import Cluster
 from sglang_tokenlake.sim.model import Outcome, SimConfig
-from sglang_tokenlake.sim.policies import Policy, route_cache_aware
+from sglang_tokenlake.sim.policies import Policy, proxy_pick, route_cache_aware
 from sglang_tokenlake.sim.routing import CacheAwareRouter
 from sglang_tokenlake.sim.workloads import Request
 
@@ -103,7 +103,9 @@ class TokenLake(Policy):
         self.costs = cfg.costs
         self._served = 0
         self._rng = random.Random(0)  # power_of_two's two samples
-        self._balancer = Balancer(len(self.ids), "least_load")  # least_inflight's picks
+        # The harness proxy's picks (least_inflight: its least_load; bounded_load).
+        self._balancer = Balancer(len(self.ids), "bounded_load" if cfg.tokenlake_executor
+                                  == "bounded_load" else "least_load", cfg.load_factor)
         self._router = (CacheAwareRouter(self.ids, cfg.tokenlake_router)
                         if cfg.tokenlake_executor == "cache_aware" else None)
         self._modes: dict[str, int] = defaultdict(int)  # segments served per mode
@@ -154,8 +156,8 @@ class TokenLake(Policy):
             ex = a if xs[a].inflight(now) <= xs[b].inflight(now) else b
         elif self._router is not None:  # sglang-router's cache_aware rule, pool bounds
             ex = self.index[route_cache_aware(self._router, req, self.cfg, self.cluster, now)]
-        elif self.cfg.tokenlake_executor == "least_inflight":  # the harness's proxy
-            ex = self._least_inflight(req, now)
+        elif self.cfg.tokenlake_executor in ("least_inflight", "bounded_load"):  # the proxy
+            ex = proxy_pick(self._balancer, req, self.cluster, now, self.seg)
         else:
             ex = self.least_loaded(now, extra)
         ex_id = self.ids[ex]
@@ -212,15 +214,6 @@ class TokenLake(Policy):
         kept = sum(1 for key in full if ex_id in loc.get(key, ()))
         held = req.input_tokens - (kept * seg + sum(shipped.values()))
         return Outcome(ex, hit, shipped, moved, transfer_s, held)
-
-    def _least_inflight(self, req: Request, now: float) -> int:
-        """``bench.proxy``'s least_load (its ``Balancer``), on the requests in flight now; a
-        request's prefix is the key of its block that ends at ``AFFINITY_TOKENS``."""
-        b = self._balancer
-        b.inflight = self.cluster.inflights(now)
-        if not req.keys:
-            return b.pick()
-        return b.pick(req.keys[min(len(req.keys), max(1, AFFINITY_TOKENS // self.seg)) - 1])
 
     def _update(self, full, serving: dict[int, str], ex_id: str) -> int:
         """Touch served copies and place new segments, deepest first; evict; return put bytes."""
