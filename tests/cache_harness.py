@@ -21,6 +21,12 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 
+def radix_key(tokens: list[int], extra_key: Optional[str] = None,
+              salt: Optional[str] = None) -> RadixKey:
+    """SGLang's key of ``tokens`` (with its namespace parts)."""
+    return RadixKey(array("q", tokens), extra_key, cache_salt=salt)
+
+
 class FakeReq:
     def __init__(self, rid: str, tokens: list[int], extra_key: Optional[str] = None,
                  cache_salt: Optional[str] = None) -> None:

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from cache_harness import FakeReq, MiniScheduler, assert_invariant, make_pools
+from cache_harness import radix_key as _key
 
 from sglang_tokenlake.config import TokenLakeConfig
 from sglang_tokenlake.sglang.cache import TokenLakeCache
@@ -37,14 +38,6 @@ def test_full_segments_are_cached_and_the_tail_is_freed():
     assert not set(row[:16].tolist()) & free_set(alloc)
     assert alloc.available_size() == 256 - 16
     assert_invariant(cache, sched)
-
-
-def _key(tokens, extra_key=None, salt=None):
-    from array import array
-
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-
-    return RadixKey(array("q", tokens), extra_key, cache_salt=salt)
 
 
 def test_shared_prefix_hits_segment_aligned_and_reuses_exact_slots():

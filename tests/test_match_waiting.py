@@ -4,6 +4,7 @@ scheduling round under its default fcfs policy, as its cache-aware policies do."
 from types import SimpleNamespace
 
 from cache_harness import FakeReq, MiniScheduler, assert_invariant, make_pools
+from cache_harness import radix_key as _key
 
 from sglang_tokenlake.config import TokenLakeConfig
 
@@ -67,11 +68,3 @@ def test_off_only_the_admitted_requests_are_matched(monkeypatch):
     _fcfs_round(cache, monkeypatch, queue)
     assert cache.stats.lookups == seen
     assert_invariant(cache, sched)
-
-
-def _key(tokens):
-    from array import array
-
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-
-    return RadixKey(array("q", tokens))
