@@ -202,6 +202,27 @@ def test_bounded_load_never_exceeds_its_bound_and_sends_a_prefix_only_to_its_hom
     assert 0 < b.overflows and b.affine > 1000
 
 
+def test_the_proxys_picks_in_the_measured_phase_reach_the_summary():
+    from sglang_tokenlake.bench.load import RequestRecord
+    from sglang_tokenlake.bench.report import SLO, summarize
+    from sglang_tokenlake.bench.runner import ConfigResult, frontend_delta
+
+    b = Balancer(2, "bounded_load", load_factor=1.25)
+    before = {"policy": "bounded_load", "sent": list(b.sent), "affinity_picks": b.affine,
+              "overflows": b.overflows, "load_factor": b.load_factor}
+    b.pick(7), b.pick(7), b.pick(7)  # the third overflows to worker 1
+    after = {"policy": "bounded_load", "sent": list(b.sent), "affinity_picks": b.affine,
+             "overflows": b.overflows, "load_factor": b.load_factor}
+    delta = frontend_delta(before, after)
+    assert delta == {"policy": "bounded_load", "sent": [2, 1], "affinity_picks": 1,
+                     "overflows": 1, "load_factor": 1.25}
+    assert frontend_delta(None, after) is None  # behind the router: nothing to read
+    r = RequestRecord("docs-0", "doc0", output_ids=[1], ttft_s=0.1, e2e_s=0.2, prompt_tokens=4)
+    res = ConfigResult("c", "radix", "proxy-bounded_load", "docs", 1.0, [r], [], [], delta,
+                       0, 0, "")
+    assert summarize(res, SLO(2.0, 0.1))["frontend_stats"] == delta
+
+
 def test_mismatch_detection_names_the_request():
     from sglang_tokenlake.bench.load import RequestRecord
     from sglang_tokenlake.bench.runner import ConfigResult

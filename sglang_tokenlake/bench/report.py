@@ -123,6 +123,8 @@ def summarize(res: ConfigResult, slo: SLO) -> dict[str, Any]:
         "busy_s_total": _r(sum(busy_w), 3),
         "startup_s": res.startup_s, "replay_s": res.replay_s,
     }
+    if res.frontend_stats:
+        s["frontend_stats"] = res.frontend_stats
     if res.cpu:
         s["worker_cpu_throttled_s"] = [
             round(x.get("throttled_time", 0) / 1e9 + x.get("throttled_usec", 0) / 1e6, 3)

@@ -206,6 +206,23 @@ def frontend_flags(cfg: Config, s: ClusterSettings, kind: str) -> list[str]:
     return [*cfg.frontend_args, *(s.router_args if kind.startswith("router") else [])]
 
 
+def frontend_delta(before: Optional[dict[str, Any]],
+                   after: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """What the proxy did in the measured phase (its ``/bench_stats`` after less before):
+    requests sent to each worker, picks decided by a prefix's worker, prefixes given another
+    home (``bounded_load``), and its settings; None behind the router."""
+    if not before or not after:
+        return None
+    out: dict[str, Any] = {"policy": after.get("policy"),
+                           "sent": [a - b for a, b in zip(after["sent"], before["sent"])]}
+    for k in ("affinity_picks", "overflows"):
+        if k in after:
+            out[k] = after[k] - before.get(k, 0)
+    if "load_factor" in after:
+        out["load_factor"] = after["load_factor"]
+    return out
+
+
 def cpu_mechanism(s: ClusterSettings) -> cpuquota.Mechanism:
     """The CPU-budget mechanism of ``s`` (detected once, then kept in ``s``)."""
     if not s.cpu_quota_mechanism:
@@ -381,10 +398,7 @@ def run_config(cfg: Config, s: ClusterSettings, workload: BenchWorkload, log_dir
         after = counters.snapshot(urls, brokers)
         fe_after = frontend.stats()
         per_worker = [{"url": u, **d} for u, d in zip(urls, counters.diff(after, before))]
-        fe_stats = None
-        if fe_before and fe_after:
-            fe_stats = {"policy": fe_after.get("policy"),
-                        "sent": [a - b for a, b in zip(fe_after["sent"], fe_before["sent"])]}
+        fe_stats = frontend_delta(fe_before, fe_after)
         lost = sentinel()
         if lost:
             raise WorkerLost(lost)
