@@ -59,6 +59,9 @@ def test_longdoc_zipf_skew_and_seed():
 
 
 def test_cli_sizes_longdoc_to_the_workers_and_checks_the_fit():
+    with pytest.raises(SystemExit):  # the proxy would refuse it after the workers started
+        cli.parse_args(["--load-factor", "0.5"])
+    assert cli.parse_args(["--load-factor", "1.5"]).load_factor == 1.5
     a = cli.parse_args(["--workers", "3", "--workload", "longdoc", "--requests", "5"])
     (w,) = cli.build_workloads(a)
     assert w.params["contexts"] == 6 and len(w.requests) == 5

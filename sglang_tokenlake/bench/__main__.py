@@ -133,7 +133,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     o.add_argument("--allow-mismatch", action="store_true")
     o.add_argument("--allow-failures", action="store_true")
     o.add_argument("--dry-run", action="store_true", help="print the workloads and exit")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if not a.load_factor >= 1.0:  # NaN too
+        p.error(f"--load-factor must be >= 1, got {a.load_factor}")
+    return a
 
 
 def rate_steps(a: argparse.Namespace, wl: workloads.BenchWorkload) -> list[float]:
