@@ -152,3 +152,75 @@ def test_real_quota_limits_a_busy_process_tree():
         b.remove()
     assert not b.path.exists()
     assert math.isclose(b.cores, 0.2)
+
+
+def _stat(pid, comm, utime, stime):
+    # /proc/PID/stat: pid (comm) state ppid ... utime is field 14, stime 15
+    rest = ["S"] + ["0"] * 10 + [str(utime), str(stime)] + ["0"] * 30
+    return f"{pid} ({comm}) " + " ".join(rest) + "\n"
+
+
+def _fake_proc(root, pid, threads, ended=0):
+    """A /proc entry for ``pid`` whose live threads are (tid, comm, utime, stime) and whose
+    ended threads used ``ended`` ticks."""
+    d = root / str(pid)
+    (d / "task").mkdir(parents=True)
+    (d / "stat").write_text(_stat(pid, "sglang::schedul",
+                                  sum(t[2] for t in threads) + ended, sum(t[3] for t in threads)))
+    for tid, comm, ut, st in threads:
+        t = d / "task" / str(tid)
+        t.mkdir()
+        (t / "comm").write_text(comm + "\n")
+        (t / "stat").write_text(_stat(tid, comm, ut, st))
+
+
+def test_cpu_times_sum_processes_and_the_pool_threads(tmp_path):
+    tick = 1_000_000 // os.sysconf("SC_CLK_TCK")
+    _fake_proc(tmp_path, 100, [(100, "sglang::schedul", 50, 10), (101, "tl-broker", 4, 2),
+                               (102, "tl-peers", 3, 0), (103, "ZMQbg/IO/0", 1, 1)], ended=7)
+    _fake_proc(tmp_path, 200, [(200, "sglang::detoken", 5, 0)])
+    # pid 300 is gone between listing and reading: it counts nothing.
+    got = cpuquota.cpu_times([100, 200, 300], proc=tmp_path)
+    # pid 100: its threads' 71 ticks + 7 of threads that ended; pid 200: 5
+    assert got == {"cpu_usec": (78 + 5) * tick, "pool_threads_usec": (6 + 3) * tick}
+    assert cpuquota.cpu_times([], proc=tmp_path) == {"cpu_usec": 0, "pool_threads_usec": 0}
+
+
+def test_stats_carry_the_cpu_times_of_the_cgroups_processes(tmp_path):
+    (tmp_path / "cg").mkdir()
+    root = _fake_v1(tmp_path / "cg")
+    mech = detect(v1_root=root, mounts=tmp_path / "no-mounts")
+    b = CpuBudget(mech, "tokenlake-bench-1-20000", 0.45).create(limit=False)
+    (root / b.name / "cpu.stat").write_text("nr_periods 10\nnr_throttled 4\nthrottled_time 9\n")
+    (root / b.name / "cgroup.procs").write_text("100\n")
+    b.proc = tmp_path / "proc"
+    _fake_proc(b.proc, 100, [(100, "sglang::schedul", 20, 0), (101, "tl-kv-serve", 2, 1)])
+    tick = 1_000_000 // os.sysconf("SC_CLK_TCK")
+    assert b.stats() == {"nr_periods": 10, "nr_throttled": 4, "throttled_time": 9,
+                         "cpu_usec": 23 * tick, "pool_threads_usec": 3 * tick}
+
+
+def test_the_pool_thread_prefix_is_the_one_its_threads_take():
+    from sglang_tokenlake.transport import threads
+
+    assert cpuquota.POOL_THREAD_PREFIX == threads.OS_PREFIX
+
+
+def test_the_summary_reports_each_workers_cpu_seconds_and_its_pool_threads():
+    from sglang_tokenlake.bench.load import RequestRecord
+    from sglang_tokenlake.bench.report import SLO, summarize
+    from sglang_tokenlake.bench.runner import ConfigResult
+
+    r = RequestRecord("docs-0", "doc0", output_ids=[1], ttft_s=0.1, e2e_s=0.2, prompt_tokens=4)
+    cpu = [{"nr_periods": 10, "nr_throttled": 5, "throttled_time": 2_000_000_000,
+            "cpu_usec": 4_500_000, "pool_threads_usec": 500_000},
+           {"nr_periods": 10, "nr_throttled": 0, "throttled_time": 0,
+            "cpu_usec": 1_250_000, "pool_threads_usec": 0}]
+    res = ConfigResult("c", "tokenlake", "x", "docs", 1.0, [r], [], [], None, 0, 0, "", cpu)
+    s = summarize(res, SLO(2.0, 0.1))
+    assert s["worker_cpu_s"] == [4.5, 1.25]
+    assert s["worker_pool_threads_cpu_s"] == [0.5, 0.0]
+    assert s["worker_cpu_throttled_s"] == [2.0, 0.0]
+    # A budget without CPU times (taskset): no such fields.
+    res.cpu = [{"nr_periods": 10, "nr_throttled": 0}]
+    assert "worker_cpu_s" not in summarize(res, SLO(2.0, 0.1))

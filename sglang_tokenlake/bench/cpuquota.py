@@ -48,6 +48,9 @@ from pathlib import Path
 from typing import Optional
 
 CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+PROC = Path("/proc")
+# transport/threads.OS_PREFIX (not imported: this module is the standard library only)
+POOL_THREAD_PREFIX = "tl-"
 MOUNTS = Path("/proc/self/mounts")
 PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000  # the kernel refuses smaller CFS quotas
@@ -180,6 +183,7 @@ class CpuBudget:
             self.cpus = taskset_cpus(index, cores, allowed)
         self.path: Optional[Path] = (mech.root / name) if mech.root is not None else None
         self.created = False
+        self.proc = PROC
 
     def __repr__(self) -> str:
         return f"CpuBudget({self.name!r}, {self.cores:g} cores, {self.mech.kind})"
@@ -244,7 +248,8 @@ class CpuBudget:
             return []
 
     def stats(self) -> dict[str, int]:
-        """The cgroup's ``cpu.stat`` counters (periods throttled, time throttled, usage)."""
+        """The cgroup's ``cpu.stat`` counters (periods throttled, time throttled, usage) and
+        the CPU time of its processes (``cpu_times``)."""
         if self.path is None:
             return {}
         out = {}
@@ -255,6 +260,7 @@ class CpuBudget:
                     out[k] = int(v)
         except OSError:
             pass
+        out.update(cpu_times(self.pids(), self.proc))
         return out
 
     def remove(self, timeout: float = 10.0) -> None:
@@ -290,6 +296,39 @@ class CpuBudget:
             time.sleep(0.1)
 
     stop = remove  # the harness's clean-up list calls stop()
+
+
+def _ticks(stat: str) -> int:
+    """utime + stime of a ``/proc/.../stat`` line, in clock ticks."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_times(pids: Sequence[int], proc: Path = PROC,
+              thread_prefix: str = POOL_THREAD_PREFIX) -> dict[str, int]:
+    """CPU time (user + system, microseconds) of these processes: ``cpu_usec`` in all (every
+    thread, ended ones included) and ``pool_threads_usec`` in their live threads whose kernel
+    name starts with ``thread_prefix`` (the pool's threads name themselves so:
+    ``transport/threads.py``). A process that is gone counts nothing; the kernel's clock tick
+    (usually 10 ms) is the resolution."""
+    usec = 1_000_000 // os.sysconf("SC_CLK_TCK")
+    total = pool = 0
+    for pid in pids:
+        try:
+            total += _ticks((proc / str(pid) / "stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+        try:
+            tids = list((proc / str(pid) / "task").iterdir())
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                if (t / "comm").read_text().startswith(thread_prefix):
+                    pool += _ticks((t / "stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue
+    return {"cpu_usec": total * usec, "pool_threads_usec": pool * usec}
 
 
 def budgets(mech: Mechanism, cores: float, names: Sequence[str]) -> list[CpuBudget]:

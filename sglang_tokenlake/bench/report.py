@@ -13,7 +13,10 @@ Definitions (also in docs/bench.md):
   prefilled and of forward time (SGLang's ``run_batch`` seconds), from each worker's
   ``/metrics`` over the measured phase;
 * with ``--cpu-quota``: per worker, the seconds its cgroup was throttled during the
-  replay (the budget was the bottleneck) and the share of CFS periods throttled;
+  replay (the budget was the bottleneck) and the share of CFS periods throttled; the CPU
+  seconds its processes used (``worker_cpu_s``) and, of those, the pool's own threads
+  (``worker_pool_threads_cpu_s``: broker, peer agent, KV stream; the scheduler thread's pool
+  work is in the rest);
 * with ``--sweep``: peak goodput per configuration and TTFT at half the reference's
   peak (``sweep.analyze``).
 """
@@ -132,6 +135,10 @@ def summarize(res: ConfigResult, slo: SLO) -> dict[str, Any]:
         s["worker_cpu_throttled_periods"] = [
             _r(x["nr_throttled"] / x["nr_periods"]) if x.get("nr_periods") else None
             for x in res.cpu]
+        if any("cpu_usec" in x for x in res.cpu):
+            s["worker_cpu_s"] = [round(x.get("cpu_usec", 0) / 1e6, 3) for x in res.cpu]
+            s["worker_pool_threads_cpu_s"] = [round(x.get("pool_threads_usec", 0) / 1e6, 3)
+                                              for x in res.cpu]
     tl = [x for x in w if any(k.startswith("tl_") for k in x)]
     if tl:
         keys = sorted({k for x in tl for k in x if k.startswith("tl_") and k != "tl_hit_rate"})
@@ -260,7 +267,9 @@ def markdown(meta: dict[str, Any], summaries: Sequence[dict[str, Any]],
                      + (f", TokenLake hit tokens {s['worker_tokenlake_hit_tokens']}"
                         if "worker_tokenlake_hit_tokens" in s else "")
                      + (f", CPU throttled s {s['worker_cpu_throttled_s']}"
-                        if "worker_cpu_throttled_s" in s else ""))
+                        if "worker_cpu_throttled_s" in s else "")
+                     + (f", CPU s {s['worker_cpu_s']} (pool threads "
+                        f"{s['worker_pool_threads_cpu_s']})" if "worker_cpu_s" in s else ""))
         rr = [r for r in ratio_rows if (r["wl"], r["rate"]) == (wl, rate)]
         if rr:
             L += ["", "Ratios TokenLake / stock (hit rate and throughput: higher is better; "

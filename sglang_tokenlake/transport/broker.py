@@ -33,6 +33,7 @@ from sglang_tokenlake.transport.frames import (
     decode,
     encode,
 )
+from sglang_tokenlake.transport.threads import name_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Broker:
     # -- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        name_this_thread("broker")
         try:
             router = self.ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)

@@ -44,6 +44,7 @@ import zmq
 
 from sglang_tokenlake.transport.frames import Buffer, FrameError, Message, PeerError, decode, encode
 from sglang_tokenlake.transport.stream import STREAM_COUNTERS, ReadOnWaitFuture, StreamLane
+from sglang_tokenlake.transport.threads import name_this_thread
 from sglang_tokenlake.transport.wake import Waker
 
 if TYPE_CHECKING:
@@ -250,6 +251,7 @@ class PeerAgent:
                 self._finish(req_id, exc=ConnectionError(f"peer {peer} disconnected"))
 
     def _run(self) -> None:
+        name_this_thread("peers")
         wake = self._waker.socket
         self._poller = zmq.Poller()
         self._poller.register(wake, zmq.POLLIN)

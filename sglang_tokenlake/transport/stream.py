@@ -50,6 +50,7 @@ from sglang_tokenlake.transport.frames import (
     decode_header,
     encode,
 )
+from sglang_tokenlake.transport.threads import name_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class StreamServer:
             self._conns.clear()
 
     def _accept(self) -> None:
+        name_this_thread("kv-accept")
         assert self._listener is not None
         while not self._stop.is_set():
             try:
@@ -194,6 +196,7 @@ class StreamServer:
                              daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
+        name_this_thread("kv-serve")
         conn = _Connection(sock, self)
         try:
             while not self._stop.is_set():
