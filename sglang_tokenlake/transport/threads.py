@@ -11,18 +11,18 @@ the call fails, nothing happens.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
+from collections.abc import Callable
 from typing import Optional
 
 OS_PREFIX = "tl-"
 MAX_NAME_BYTES = 15  # TASK_COMM_LEN - 1
 _PR_SET_NAME = 15
 
-_prctl: Optional[object] = None
+_prctl: Optional[Callable[..., int]] = None
 if sys.platform.startswith("linux"):
-    try:
-        _prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    try:  # the C library the interpreter runs on (no search for it: no subprocess at import)
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         _prctl = None
 
@@ -38,6 +38,6 @@ def name_this_thread(role: str) -> bool:
         return False
     name = ctypes.c_char_p(os_name(role).encode("ascii"))
     try:
-        return _prctl(_PR_SET_NAME, name, 0, 0, 0) == 0  # type: ignore[operator]
+        return _prctl(_PR_SET_NAME, name, 0, 0, 0) == 0
     except OSError:
         return False
